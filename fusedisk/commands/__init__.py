@@ -1,0 +1,1 @@
+"""Sub-commands of the `fusedisk` CLI, one module each (see fusedisk.cli)."""

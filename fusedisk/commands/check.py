@@ -1,0 +1,61 @@
+"""`fusedisk check SPEC`: validate a spec, open its images read-only, print the trees."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import trio
+
+from fusedisk.graph.graph import Graph
+from fusedisk.graph.node import Node
+from fusedisk.spec import Spec, load_spec
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="validate a spec and print its trees, without mounting",
+        description="Check SPEC as `mount` would (every image is opened, read-only, and "
+        "nothing is written), then print each disk's tree of nodes.",
+    )
+    p.add_argument("spec", help="the TOML spec file")
+    p.set_defaults(func=run)
+
+
+def _tree_lines(node: Node, label: str, depth: int) -> list[str]:
+    lines = [f"{'  ' * depth}{label}{node.name} ({node.driver}, {node.size} bytes)"]
+    for edge in node.children.values():
+        lines += _tree_lines(edge.node, f"{edge.name}: ", depth + 1)
+    return lines
+
+
+def read_only_copy(spec: Spec) -> Spec:
+    """The same spec with every node forced read-only, so checking never writes."""
+    nodes = {
+        name: dataclasses.replace(n, options={**n.options, "read-only": True})
+        for name, n in spec.nodes.items()
+    }
+    return dataclasses.replace(spec, nodes=nodes)
+
+
+async def _check(spec: Spec) -> list[str]:
+    graph = await Graph.open(read_only_copy(spec))
+    try:
+        lines = []
+        for disk in graph.disks.values():
+            lines.append(f"disk {disk.name}: {disk.size} bytes")
+            lines += _tree_lines(disk.top, "", 1)
+        unused = sorted(set(spec.nodes) - set(graph.nodes))
+        if unused:
+            lines.append(f"nodes not in any disk: {', '.join(unused)}")
+        return lines
+    finally:
+        await graph.close(flush=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    for line in trio.run(_check, spec):
+        print(line)
+    return 0

@@ -1,0 +1,190 @@
+"""A Disk: one exported tree, as seen through `<disk>.img`.
+
+The Disk owns the request gate.  Every request enters it; `drained()` closes
+it (new requests wait, requests in flight finish, everything is flushed), so
+a graph change happens on a quiet tree and the guest sees a pause, never an
+error.  It also applies the per-disk policy of the spec: read-only,
+detect-zeroes, and how the end of the disk behaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from time import perf_counter_ns
+from typing import Any
+
+import trio
+
+from fusedisk.errors import ControlError, OutOfRange, ReadOnly
+from fusedisk.graph.edge import Edge
+from fusedisk.graph.node import Node, Role
+from fusedisk.graph.stats import IoStats
+from fusedisk.spec import DiskSpec
+
+_ZEROES = bytes(1 << 20)
+
+
+def is_zero(data: bytes) -> bool:
+    """True if every byte is zero (memcmp against a shared zero buffer)."""
+    view = memoryview(data)
+    for start in range(0, len(view), len(_ZEROES)):
+        chunk = view[start : start + len(_ZEROES)]
+        if chunk != _ZEROES[: len(chunk)]:
+            return False
+    return True
+
+
+class Disk:
+    """The gate, policy and counters between the FUSE front and a tree's top node."""
+
+    def __init__(self, spec: DiskSpec, top: Node) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.root = Edge(None, "root", Role.ROOT, top)
+        self.stats = IoStats()
+        self.drains = 0
+        self.zero_writes_detected = 0
+        self._in_flight = 0
+        self._gate: trio.Event | None = None  # set while a drain holds the gate closed
+        self._idle: trio.Event | None = None
+        self._drain_lock = trio.Lock()
+
+    @property
+    def top(self) -> Node:
+        return self.root.node
+
+    @property
+    def size(self) -> int:
+        return self.root.node.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.spec.read_only or self.root.node.read_only
+
+    # -- the gate -------------------------------------------------------------
+
+    async def _enter(self) -> None:
+        while self._gate is not None:
+            await self._gate.wait()
+        self._in_flight += 1
+        self.stats.in_flight = self._in_flight
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        self.stats.in_flight = self._in_flight
+        if self._idle is not None and self._in_flight == 0:
+            self._idle.set()
+
+    @asynccontextmanager
+    async def drained(self) -> AsyncIterator[None]:
+        """Hold the disk quiet and flushed for a graph change."""
+        async with self._drain_lock:
+            reopen = trio.Event()
+            self._gate = reopen
+            try:
+                if self._in_flight:
+                    self._idle = trio.Event()
+                    await self._idle.wait()
+                await self.root.flush()
+                self.drains += 1
+                yield
+            finally:
+                self._gate = None
+                self._idle = None
+                reopen.set()
+
+    # -- requests -------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read up to `length` bytes; short at the end of the disk, like a file."""
+        await self._enter()
+        st = self.stats
+        t0 = perf_counter_ns()
+        try:
+            size = self.root.node.size
+            if offset >= size:
+                return b""
+            if offset + length > size:
+                length = size - offset
+            data = await self.root.read(offset, length)
+        except Exception:
+            st.read_errors += 1
+            raise
+        finally:
+            self._leave()
+        st.read_ops += 1
+        st.read_bytes += length
+        st.read_ns += perf_counter_ns() - t0
+        return data
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if self.spec.read_only:
+            raise ReadOnly(f"disk '{self.name}' is read-only")
+        await self._enter()
+        st = self.stats
+        t0 = perf_counter_ns()
+        try:
+            if offset + len(data) > self.root.node.size:
+                raise OutOfRange(
+                    f"disk '{self.name}': write at {offset}+{len(data)} is past its end "
+                    f"({self.root.node.size})"
+                )
+            mode = self.spec.detect_zeroes
+            if mode != "off" and is_zero(data):
+                self.zero_writes_detected += 1
+                await self.root.write_zeroes(offset, len(data), mode == "unmap")
+            else:
+                await self.root.write(offset, data)
+        except Exception:
+            st.write_errors += 1
+            raise
+        finally:
+            self._leave()
+        st.write_ops += 1
+        st.write_bytes += len(data)
+        st.write_ns += perf_counter_ns() - t0
+
+    async def flush(self) -> None:
+        await self._enter()
+        t0 = perf_counter_ns()
+        try:
+            await self.root.flush()
+        except Exception:
+            self.stats.flush_errors += 1
+            raise
+        finally:
+            self._leave()
+        self.stats.flush_ops += 1
+        self.stats.flush_ns += perf_counter_ns() - t0
+
+    async def discard(self, offset: int, length: int) -> None:
+        if self.spec.read_only:
+            raise ReadOnly(f"disk '{self.name}' is read-only")
+        await self._enter()
+        try:
+            await self.root.discard(offset, length)
+        finally:
+            self._leave()
+        self.stats.discard_ops += 1
+        self.stats.discard_bytes += length
+
+    async def resize(self, size: int) -> None:
+        """truncate(2) on `<disk>.img`: the same size is a no-op, growing needs `growable`."""
+        if size == self.size:
+            return
+        if not self.spec.growable:
+            raise ControlError(
+                f"disk '{self.name}' has a fixed size of {self.size} bytes "
+                "(set growable = true in the spec to let it grow)"
+            )
+        if size < self.size:
+            raise ControlError(f"disk '{self.name}': shrinking would lose data; refused")
+        async with self.drained():
+            await self.root.truncate(size)
+
+    def stats_dict(self) -> dict[str, Any]:
+        out = self.stats.as_dict()
+        out["drains"] = self.drains
+        out["zero_writes_detected"] = self.zero_writes_detected
+        return out

@@ -1,0 +1,242 @@
+"""Edges: the only way a parent reaches a child.
+
+An edge carries a role (file, filtered, backing, children, data, metadata,
+root) and does the work every request needs once, so drivers never repeat it:
+bounds checks, padding of requests to the child's `request_alignment`
+(read-modify-write, serialised against overlapping writes), read-only
+enforcement, and the per-node counters behind `stats`.
+
+Re-pointing an edge to another node is how a graph change (snapshot, commit,
+child replacement) is made; node contents are never swapped.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
+
+import trio
+
+from fusedisk.errors import OutOfRange, ReadOnly
+from fusedisk.graph.extents import Extent, clip_extents
+
+if TYPE_CHECKING:
+    from fusedisk.graph.node import Node
+
+
+class RangeLock:
+    """Serialises writes whose byte ranges overlap.
+
+    Only edges to nodes with a request alignment above 1 use it: there a
+    read-modify-write of a partial block must not interleave with another
+    write to the same block, or one of the two writes is lost.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int, trio.Event]] = []
+
+    async def acquire(self, start: int, end: int) -> tuple[int, int, trio.Event]:
+        while True:
+            for s, e, event in self._held:
+                if s < end and start < e:
+                    await event.wait()
+                    break
+            else:
+                token = (start, end, trio.Event())
+                self._held.append(token)
+                return token
+
+    def release(self, token: tuple[int, int, trio.Event]) -> None:
+        self._held.remove(token)
+        token[2].set()
+
+
+class Edge:
+    """A parent's link to one child, named (`file`, `children.0`) and with a role."""
+
+    __slots__ = ("_locks", "name", "node", "parent", "role")
+
+    def __init__(self, parent: Node | None, name: str, role: str, node: Node) -> None:
+        self.parent = parent
+        self.name = name
+        self.role = role
+        self.node = node
+        self._locks = RangeLock()
+        node.parents.append(self)
+
+    def __repr__(self) -> str:
+        owner = self.parent.name if self.parent is not None else "<disk>"
+        return f"<Edge {owner}.{self.name} ({self.role}) -> {self.node.name}>"
+
+    def replace(self, new_node: Node) -> None:
+        """Point this edge at `new_node` (call only while the disk is drained)."""
+        self.node.parents.remove(self)
+        self.node = new_node
+        new_node.parents.append(self)
+
+    def detach(self) -> None:
+        self.node.parents.remove(self)
+
+    # -- checks -------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int, writing: bool) -> Node:
+        node = self.node
+        if offset < 0 or length < 0:
+            raise OutOfRange(f"node '{node.name}': negative offset or length")
+        if offset + length > node.size and not (writing and node.grows_on_write):
+            raise OutOfRange(
+                f"node '{node.name}': request {offset}+{length} is past its end ({node.size})"
+            )
+        if writing and node.read_only:
+            raise ReadOnly(f"node '{node.name}' is read-only")
+        return node
+
+    # -- requests -----------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        node = self._check_range(offset, length, False)
+        if length == 0:
+            return b""
+        align = node.request_alignment
+        if align > 1 and (offset % align or length % align):
+            start = offset - offset % align
+            end = -(-(offset + length) // align) * align
+            padded = await self.read(start, end - start)
+            return padded[offset - start : offset - start + length]
+        st = node.stats
+        st.in_flight += 1
+        t0 = perf_counter_ns()
+        try:
+            data = await node.read(offset, length)
+        except Exception:
+            st.read_errors += 1
+            raise
+        finally:
+            st.in_flight -= 1
+        st.read_ops += 1
+        st.read_bytes += length
+        st.read_ns += perf_counter_ns() - t0
+        return data
+
+    async def write(self, offset: int, data: bytes) -> None:
+        length = len(data)
+        node = self._check_range(offset, length, True)
+        if length == 0:
+            return
+        align = node.request_alignment
+        if align == 1:
+            await self._write_now(node, offset, data)
+            return
+        start = offset - offset % align
+        end = -(-(offset + length) // align) * align
+        token = await self._locks.acquire(start, end)
+        try:
+            if start != offset or end != offset + length:
+                data = await self._pad_with_old_data(offset, data, start, end, align)
+            await self._write_now(node, start, data)
+        finally:
+            self._locks.release(token)
+
+    async def _pad_with_old_data(
+        self, offset: int, data: bytes, start: int, end: int, align: int
+    ) -> bytes:
+        buf = bytearray(end - start)
+        if start != offset:
+            buf[0:align] = await self.read(start, align)
+        tail = end - align
+        if end != offset + len(data) and (tail != start or start == offset):
+            buf[tail - start :] = await self.read(tail, align)
+        buf[offset - start : offset - start + len(data)] = data
+        return bytes(buf)
+
+    async def _write_now(self, node: Node, offset: int, data: bytes) -> None:
+        st = node.stats
+        st.in_flight += 1
+        t0 = perf_counter_ns()
+        try:
+            await node.write(offset, data)
+        except Exception:
+            st.write_errors += 1
+            raise
+        finally:
+            st.in_flight -= 1
+        st.write_ops += 1
+        st.write_bytes += len(data)
+        st.write_ns += perf_counter_ns() - t0
+
+    async def flush(self) -> None:
+        node = self.node
+        st = node.stats
+        st.in_flight += 1
+        t0 = perf_counter_ns()
+        try:
+            await node.flush()
+        except Exception:
+            st.flush_errors += 1
+            raise
+        finally:
+            st.in_flight -= 1
+        st.flush_ops += 1
+        st.flush_ns += perf_counter_ns() - t0
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard is advisory: the unaligned head and tail are simply kept."""
+        node = self._check_range(offset, length, True)
+        align = node.request_alignment
+        start = -(-offset // align) * align
+        end = (offset + length) // align * align
+        if end <= start:
+            return
+        st = node.stats
+        t0 = perf_counter_ns()
+        try:
+            await node.discard(start, end - start)
+        except Exception:
+            st.discard_errors += 1
+            raise
+        st.discard_ops += 1
+        st.discard_bytes += end - start
+        st.discard_ns += perf_counter_ns() - t0
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Zero a range; unaligned ends are written as zero bytes (read-modify-write)."""
+        node = self._check_range(offset, length, True)
+        if length == 0:
+            return
+        align = node.request_alignment
+        start = -(-offset // align) * align
+        end = (offset + length) // align * align
+        if end <= start:
+            await self.write(offset, bytes(length))
+            return
+        if start > offset:
+            await self.write(offset, bytes(start - offset))
+        if offset + length > end:
+            await self.write(end, bytes(offset + length - end))
+        token = await self._locks.acquire(start, end) if align > 1 else None
+        st = node.stats
+        t0 = perf_counter_ns()
+        try:
+            await node.write_zeroes(start, end - start, unmap)
+        except Exception:
+            st.write_zeroes_errors += 1
+            raise
+        finally:
+            if token is not None:
+                self._locks.release(token)
+        st.write_zeroes_ops += 1
+        st.write_zeroes_bytes += end - start
+        st.write_zeroes_ns += perf_counter_ns() - t0
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        node = self._check_range(offset, length, False)
+        if length == 0:
+            return []
+        node.stats.block_status_ops += 1
+        extents = await node.block_status(offset, length)
+        return clip_extents(extents, offset, length)
+
+    async def truncate(self, size: int) -> None:
+        if self.node.read_only:
+            raise ReadOnly(f"node '{self.node.name}' is read-only")
+        await self.node.truncate(size)

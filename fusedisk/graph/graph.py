@@ -1,0 +1,113 @@
+"""The Graph: every node of a spec, opened, with its disks.
+
+Opening builds children before parents and stops at the first error, closing
+what it had opened, so a spec whose image cannot be opened is refused before
+anything is mounted.  Walks go by edges (and so by roles), never by driver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from fusedisk.errors import FuseDiskError, OpenError
+from fusedisk.graph.disk import Disk
+from fusedisk.graph.node import Node
+from fusedisk.graph.registry import drivers
+from fusedisk.spec import Spec
+
+log = logging.getLogger("fusedisk")
+
+
+class Graph:
+    """All opened nodes of one spec and the disks exported from them."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.nodes: dict[str, Node] = {}  # in open order: children before parents
+        self.disks: dict[str, Disk] = {}
+
+    @property
+    def base_dir(self) -> Path:
+        return self.spec.base_dir
+
+    @classmethod
+    async def open(cls, spec: Spec) -> Graph:
+        graph = cls(spec)
+        try:
+            for disk_spec in spec.disks.values():
+                top = await graph._open_spec_node(disk_spec.node)
+                graph.disks[disk_spec.name] = Disk(disk_spec, top)
+        except BaseException:
+            await graph.close(flush=False)
+            raise
+        return graph
+
+    async def _open_spec_node(self, name: str) -> Node:
+        if name in self.nodes:
+            return self.nodes[name]
+        node_spec = self.spec.nodes[name]
+        children: dict[str, Node | list[Node]] = {}
+        for slot, ref in node_spec.children.items():
+            if isinstance(ref, list):
+                children[slot] = [await self._open_spec_node(r) for r in ref]
+            else:
+                children[slot] = await self._open_spec_node(ref)
+        cls = drivers()[node_spec.driver]
+        return await self._open(cls(name, node_spec.options, children, self))
+
+    async def _open(self, node: Node) -> Node:
+        try:
+            await node.open()
+        except FuseDiskError:
+            raise
+        except OSError as e:
+            raise OpenError(f"node '{node.name}' ({node.driver}): {e.strerror or e}") from e
+        self.nodes[node.name] = node
+        return node
+
+    async def open_implicit(
+        self, parent: Node, slot: str, driver: str, options: Mapping[str, Any]
+    ) -> Node:
+        """Open a node the spec does not name (a backing file found in a header)."""
+        name = f"{parent.name}.{slot}"
+        while name in self.nodes or name in self.spec.nodes:
+            name += "_"
+        cls = drivers()[driver]
+        full = {k: o.default for k, o in cls.all_options().items()}
+        full.update(options)
+        return await self._open(cls(name, full, {}, self))
+
+    # -- walks ------------------------------------------------------------------
+
+    @staticmethod
+    def walk(node: Node) -> Iterator[Node]:
+        """`node` and every node below it, parents before children."""
+        yield node
+        for edge in node.children.values():
+            yield from Graph.walk(edge.node)
+
+    def disk_nodes(self, disk: Disk) -> list[Node]:
+        return list(self.walk(disk.top))
+
+    # -- shutdown -----------------------------------------------------------------
+
+    async def flush_all(self) -> None:
+        for disk in self.disks.values():
+            try:
+                await disk.root.flush()
+            except Exception as e:
+                log.error("disk '%s': flush at shutdown failed: %s", disk.name, e)
+
+    async def close(self, flush: bool = True) -> None:
+        """Flush every disk, then close nodes parents first."""
+        if flush:
+            await self.flush_all()
+        for node in reversed(list(self.nodes.values())):
+            try:
+                await node.close()
+            except Exception as e:
+                log.error("node '%s': close failed: %s", node.name, e)
+        self.nodes.clear()
