@@ -41,20 +41,19 @@ class FileNode(Node):
     graph_op = GraphOp.TARGET
     grows_on_write = True
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
-        self.fd = -1
-        self.is_block_device = False
-        self._write_gen = 0
-        self._flushed_gen = 0
+    fd = -1
+    is_block_device = False
+    _write_gen = 0
+    _flushed_gen = 0
+
+    async def open(self) -> None:
+        await super().open()
         self._flush_limiter = trio.CapacityLimiter(1)
 
     @property
     def path(self) -> str:
         return str(self.options["filename"])
 
-    async def open(self) -> None:
-        await super().open()
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
             self.fd = os.open(self.path, flags)

@@ -8,7 +8,7 @@ anything is mounted.  Walks go by edges (and so by roles), never by driver.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class Graph:
         self.spec = spec
         self.nodes: dict[str, Node] = {}  # in open order: children before parents
         self.disks: dict[str, Disk] = {}
+        #: graph-level objects nodes share, by (section, name): throttle groups
+        self.shared_objects: dict[tuple[str, str], Any] = {}
 
     @property
     def base_dir(self) -> Path:
@@ -79,6 +81,17 @@ class Graph:
         full = {k: o.default for k, o in cls.all_options().items()}
         full.update(options)
         return await self._open(cls(name, full, {}, self))
+
+    def shared(self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]) -> Any:
+        """The object for `[section.name]` of the spec, made once by `factory`.
+
+        Raises KeyError if the spec has no such entry; the spec has already
+        checked that entry's options.
+        """
+        key = (section, name)
+        if key not in self.shared_objects:
+            self.shared_objects[key] = factory(self.spec.sections[section][name])
+        return self.shared_objects[key]
 
     # -- walks ------------------------------------------------------------------
 

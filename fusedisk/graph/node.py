@@ -23,16 +23,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from fusedisk.errors import ControlError, NotSupported
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent, Status
 from fusedisk.graph.options import Option, OptionValueError
 from fusedisk.graph.stats import IoStats
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("fusedisk")
 
@@ -81,8 +78,23 @@ class Control:
     help: str = ""
 
 
+class SharedObject(Protocol):
+    """A graph-level object several nodes share (a throttle group).
+
+    The mount shows it as `/<section>/<name>/` with `options/` and `stats`.
+    """
+
+    def option_values(self) -> dict[str, str]: ...
+
+    def runtime_options(self) -> set[str]: ...
+
+    async def set_option(self, name: str, text: str) -> None: ...
+
+    def stats_dict(self) -> dict[str, Any]: ...
+
+
 class NodeContext(Protocol):
-    """What the graph offers a node while it opens (for implicit children)."""
+    """What the graph offers a node: its spec's folder, implicit children, shared objects."""
 
     @property
     def base_dir(self) -> Path: ...
@@ -91,9 +103,15 @@ class NodeContext(Protocol):
         self, parent: Node, slot: str, driver: str, options: Mapping[str, Any]
     ) -> Node: ...
 
+    def shared(
+        self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]
+    ) -> Any: ...
+
 
 COMMON_OPTIONS: Mapping[str, Option] = {
-    "read-only": Option("read-only", "bool", False, "open this node (and what it writes to) read-only"),
+    "read-only": Option(
+        "read-only", "bool", False, "open this node (and what it writes to) read-only"
+    ),
 }
 
 
@@ -131,7 +149,9 @@ class Node:
                 continue
             if isinstance(child, list):
                 for i, node in enumerate(child):
-                    self.children[f"{slot.name}.{i}"] = Edge(self, f"{slot.name}.{i}", slot.role, node)
+                    self.children[f"{slot.name}.{i}"] = Edge(
+                        self, f"{slot.name}.{i}", slot.role, node
+                    )
             else:
                 self.children[slot.name] = Edge(self, slot.name, slot.role, child)
 

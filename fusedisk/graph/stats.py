@@ -6,21 +6,41 @@ request passes several of these on its way down.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 KINDS = ("read", "write", "flush", "discard", "write_zeroes", "block_status")
 
 
+@dataclass(slots=True)
 class IoStats:
     """Operations, bytes, errors and time spent, per kind of request."""
 
-    __slots__ = tuple(f"{k}_{f}" for k in KINDS for f in ("ops", "bytes", "errors", "ns")) + (
-        "in_flight",
-    )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+    read_ops: int = 0
+    read_bytes: int = 0
+    read_errors: int = 0
+    read_ns: int = 0
+    write_ops: int = 0
+    write_bytes: int = 0
+    write_errors: int = 0
+    write_ns: int = 0
+    flush_ops: int = 0
+    flush_bytes: int = 0
+    flush_errors: int = 0
+    flush_ns: int = 0
+    discard_ops: int = 0
+    discard_bytes: int = 0
+    discard_errors: int = 0
+    discard_ns: int = 0
+    write_zeroes_ops: int = 0
+    write_zeroes_bytes: int = 0
+    write_zeroes_errors: int = 0
+    write_zeroes_ns: int = 0
+    block_status_ops: int = 0
+    block_status_bytes: int = 0
+    block_status_errors: int = 0
+    block_status_ns: int = 0
+    in_flight: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -33,3 +53,7 @@ class IoStats:
             }
         out["in_flight"] = self.in_flight
         return out
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, 0)
