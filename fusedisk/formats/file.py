@@ -46,14 +46,13 @@ class FileNode(Node):
     _write_gen = 0
     _flushed_gen = 0
 
-    async def open(self) -> None:
-        await super().open()
-        self._flush_limiter = trio.CapacityLimiter(1)
-
     @property
     def path(self) -> str:
         return str(self.options["filename"])
 
+    async def open(self) -> None:
+        await super().open()
+        self._flush_limiter = trio.CapacityLimiter(1)
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
             self.fd = os.open(self.path, flags)
