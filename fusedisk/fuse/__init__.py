@@ -1,0 +1,1 @@
+"""The FUSE front: the virtual tree of disks and control files, and the pyfuse3 adapter."""

@@ -1,0 +1,165 @@
+"""The virtual file tree of a mount: disk files, node directories, control files.
+
+It is computed from the graph each time a path is resolved, so a graph change
+(a snapshot inserting nodes) shows at once, with no cache to invalidate here.
+It knows nodes only through the Node API (options, controls, stats, edges) and
+nothing of pyfuse3; `ops.py` adapts it to FUSE.
+
+    <disk>.img                  the disk
+    <disk>/root                 -> nodes/<top>
+    <disk>/stats                disk counters (JSON)
+    <disk>/nodes/<node>/        driver, size, options/, children/, parents/,
+                                siblings/, stats, and the driver's controls
+    <section>/<name>/           shared objects (throttle-groups): options/, stats
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from fusedisk.graph.disk import Disk
+from fusedisk.graph.graph import Graph
+from fusedisk.graph.node import Node
+
+
+class Entry:
+    """Something at a path of the mount."""
+
+
+@dataclass
+class DirEntry(Entry):
+    list: Callable[[], dict[str, Entry]]
+
+
+@dataclass
+class FileEntry(Entry):
+    """A control file: `read` renders its content, `write` (if any) acts on text."""
+
+    read: Callable[[], str]
+    write: Callable[[str], Awaitable[None]] | None = None
+
+
+@dataclass
+class LinkEntry(Entry):
+    target: str
+
+
+@dataclass
+class DiskEntry(Entry):
+    disk: Disk
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
+def _value(text: Callable[[], Any]) -> FileEntry:
+    return FileEntry(lambda: f"{text()}\n")
+
+
+class ControlTree:
+    """Resolves paths of the mount against the live graph."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+
+    def resolve(self, path: tuple[str, ...]) -> Entry | None:
+        entry: Entry = DirEntry(self.root)
+        for name in path:
+            if not isinstance(entry, DirEntry):
+                return None
+            found = entry.list().get(name)
+            if found is None:
+                return None
+            entry = found
+        return entry
+
+    # -- directories ------------------------------------------------------------
+
+    def root(self) -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        for name, disk in self.graph.disks.items():
+            out[f"{name}.img"] = DiskEntry(disk)
+            out[name] = DirEntry(partial(self.disk_dir, disk))
+        sections = sorted({section for section, _ in self.graph.shared_objects})
+        for section in sections:
+            out[section] = DirEntry(partial(self.section_dir, section))
+        return out
+
+    def disk_dir(self, disk: Disk) -> dict[str, Entry]:
+        nodes = {n.name: n for n in self.graph.disk_nodes(disk)}
+        return {
+            "root": LinkEntry(f"nodes/{disk.top.name}"),
+            "nodes": DirEntry(
+                lambda: {name: DirEntry(partial(self.node_dir, n)) for name, n in nodes.items()}
+            ),
+            "size": _value(lambda: disk.size),
+            "stats": FileEntry(lambda: _json(disk.stats_dict())),
+        }
+
+    def node_dir(self, node: Node) -> dict[str, Entry]:
+        out: dict[str, Entry] = {
+            "driver": _value(lambda: node.driver),
+            "size": _value(lambda: node.size),
+            "options": DirEntry(lambda: self.options_dir(node)),
+            "children": DirEntry(
+                lambda: {
+                    name: LinkEntry(f"../../{edge.node.name}")
+                    for name, edge in node.children.items()
+                }
+            ),
+            "parents": DirEntry(
+                lambda: {
+                    edge.parent.name: LinkEntry(f"../../{edge.parent.name}")
+                    for edge in node.parents
+                    if edge.parent is not None
+                }
+            ),
+            "siblings": DirEntry(lambda: self.siblings_dir(node)),
+            "stats": FileEntry(lambda: _json({**node.stats.as_dict(), **node.driver_stats()})),
+        }
+        for name, control in node.controls().items():
+            out[name] = FileEntry(control.read, control.write)
+        return out
+
+    def options_dir(self, owner: Node | Any) -> dict[str, Entry]:
+        """One file per option of a node or shared object; run-time ones writable."""
+        runtime = owner.runtime_options()
+        out: dict[str, Entry] = {}
+        for name in owner.option_values():
+
+            def read(name: str = name) -> str:
+                return f"{owner.option_values()[name]}\n"
+
+            async def write(text: str, name: str = name) -> None:
+                await owner.set_option(name, text)
+
+            out[name] = FileEntry(read, write if name in runtime else None)
+        return out
+
+    def siblings_dir(self, node: Node) -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        for up in node.parents:
+            if up.parent is None:
+                continue
+            for edge in up.parent.children.values():
+                if edge.node is not node:
+                    out[edge.node.name] = LinkEntry(f"../../{edge.node.name}")
+        return out
+
+    def section_dir(self, section: str) -> dict[str, Entry]:
+        return {
+            name: DirEntry(partial(self.shared_dir, obj))
+            for (sec, name), obj in self.graph.shared_objects.items()
+            if sec == section
+        }
+
+    def shared_dir(self, obj: Any) -> dict[str, Entry]:
+        return {
+            "options": DirEntry(lambda: self.options_dir(obj)),
+            "stats": FileEntry(lambda: _json(obj.stats_dict())),
+        }
