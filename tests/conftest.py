@@ -1,0 +1,95 @@
+"""Shared fixtures: spec files in a temporary folder, real mounts, tool checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import Mount
+
+
+def _can_mount() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if os.geteuid() != 0:
+        return "mount tests run as root"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _can_mount()
+    if reason is None:
+        return
+    for item in items:
+        if "mount" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def needs(*tools: str) -> pytest.MarkDecorator:
+    """Skip unless every command in `tools` is installed."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {', '.join(missing)}")
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a spec's text to tmp_path/spec.toml (relative paths resolve in tmp_path)."""
+
+    def write(text: str, name: str = "spec.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """Start real mounts of specs; every one is unmounted at teardown, pass or fail."""
+    started: list[Mount] = []
+
+    def start(spec: Path, name: str = "mnt", extra_args: tuple[str, ...] = ()) -> Mount:
+        m = Mount(spec, tmp_path / name, extra_args)
+        started.append(m)
+        return m.start()
+
+    yield start
+    errors = []
+    for m in reversed(started):
+        try:
+            m.stop()
+        except AssertionError as e:
+            errors.append(str(e))
+    if errors:
+        pytest.fail("\n".join(errors))
+
+
+def make_image(path: Path, size: int, pattern: bytes | None = None) -> Path:
+    """A raw image of `size` bytes; sparse, or filled by repeating `pattern`."""
+    with open(path, "wb") as f:
+        if pattern:
+            f.write((pattern * (size // len(pattern) + 1))[:size])
+        else:
+            f.truncate(size)
+    return path
+
+
+RAW_SPEC = """
+[nodes.d0]
+driver = "raw"
+filename = "{image}"
+
+[disks.vm0]
+node = "d0"
+{disk_options}
+"""
+
+
+def raw_spec(image: str = "d0.img", disk_options: str = "") -> str:
+    return RAW_SPEC.format(image=image, disk_options=disk_options)
