@@ -62,3 +62,14 @@ def test_is_zero_sees_a_late_nonzero_byte():
     assert is_zero(bytes(3 << 20))
     assert not is_zero(bytes(3 << 20) + b"\1")
     assert is_zero(b"")
+
+
+async def test_drain_tells_every_node_so_held_requests_can_be_released():
+    node = MemoryNode(4096)
+    seen: list[str] = []
+    node.begin_drain = lambda: seen.append("begin")  # type: ignore[method-assign]
+    node.end_drain = lambda: seen.append("end")  # type: ignore[method-assign]
+    disk = Disk(DiskSpec("vm0", "mem"), node)
+    async with disk.drained():
+        assert seen == ["begin"]
+    assert seen == ["begin", "end"]

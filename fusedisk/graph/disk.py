@@ -18,7 +18,7 @@ import trio
 
 from fusedisk.errors import ControlError, OutOfRange, ReadOnly
 from fusedisk.graph.edge import Edge
-from fusedisk.graph.node import Node, Role
+from fusedisk.graph.node import Node, Role, walk
 from fusedisk.graph.stats import IoStats
 from fusedisk.spec import DiskSpec
 
@@ -82,6 +82,9 @@ class Disk:
         async with self._drain_lock:
             reopen = trio.Event()
             self._gate = reopen
+            nodes = list(walk(self.root.node))
+            for node in nodes:
+                node.begin_drain()
             try:
                 if self._in_flight:
                     self._idle = trio.Event()
@@ -90,6 +93,8 @@ class Disk:
                 self.drains += 1
                 yield
             finally:
+                for node in nodes:
+                    node.end_drain()
                 self._gate = None
                 self._idle = None
                 reopen.set()

@@ -8,13 +8,13 @@ anything is mounted.  Walks go by edges (and so by roles), never by driver.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fusedisk.errors import FuseDiskError, OpenError
 from fusedisk.graph.disk import Disk
-from fusedisk.graph.node import Node
+from fusedisk.graph.node import Node, walk
 from fusedisk.graph.registry import drivers
 from fusedisk.spec import Spec
 
@@ -95,15 +95,8 @@ class Graph:
 
     # -- walks ------------------------------------------------------------------
 
-    @staticmethod
-    def walk(node: Node) -> Iterator[Node]:
-        """`node` and every node below it, parents before children."""
-        yield node
-        for edge in node.children.values():
-            yield from Graph.walk(edge.node)
-
     def disk_nodes(self, disk: Disk) -> list[Node]:
-        return list(self.walk(disk.top))
+        return list(walk(disk.top))
 
     # -- shutdown -----------------------------------------------------------------
 

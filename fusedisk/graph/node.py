@@ -19,7 +19,7 @@ Two separate declarations say how a node takes part in the graph:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -189,6 +189,16 @@ class Node:
     async def close(self) -> None:
         """Release what `open` took; the graph has flushed before calling it."""
 
+    def begin_drain(self) -> None:
+        """The disk is draining: let queued requests through now (throttle does).
+
+        A drain waits for every request in flight, so a node that holds
+        requests back must release them or the graph change would stall.
+        """
+
+    def end_drain(self) -> None:
+        """The drain is over; normal service (and limits) resume."""
+
     # -- requests (offsets and lengths in bytes, aligned to request_alignment) --
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -286,6 +296,13 @@ class Filter(Node):
     async def truncate(self, size: int) -> None:
         await self.filtered.truncate(size)
         self.size = self.filtered.node.size
+
+
+def walk(node: Node) -> Iterator[Node]:
+    """`node` and every node below it, parents before children (edges only)."""
+    yield node
+    for edge in node.children.values():
+        yield from walk(edge.node)
 
 
 #: the request methods every data-changing node must implement itself

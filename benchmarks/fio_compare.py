@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""fio through a fusedisk mount, beside qemu-storage-daemon's FUSE export of the same
+image and the host file itself, in one run on one machine.
+
+    .venv/bin/python benchmarks/fio_compare.py [--size 512M] [--runtime 5] [--dir DIR]
+        [--format raw] [--jobs seq-read,rand-read-qd16,...] [--json OUT]
+
+Prints a table of MB/s and IOPS per job and target, and the ratio
+fusedisk / qemu-storage-daemon.  Run as root on an otherwise idle machine; results
+belong in docs/benchmarks.md with the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fusedisk.graph.options import parse_size  # noqa: E402
+from tests.mounting import Mount  # noqa: E402
+
+JOBS: dict[str, dict[str, str]] = {
+    "seq-read-1M": {"rw": "read", "bs": "1M", "iodepth": "1"},
+    "seq-write-1M": {"rw": "write", "bs": "1M", "iodepth": "1"},
+    "rand-read-4k-qd1": {"rw": "randread", "bs": "4k", "iodepth": "1"},
+    "rand-read-4k-qd16": {"rw": "randread", "bs": "4k", "iodepth": "16"},
+    "rand-write-4k-qd1": {"rw": "randwrite", "bs": "4k", "iodepth": "1"},
+    "rand-write-4k-qd16": {"rw": "randwrite", "bs": "4k", "iodepth": "16"},
+}
+
+
+def run_fio(path: Path, job: dict[str, str], runtime: int, size: int) -> dict[str, float]:
+    cmd = [
+        "fio", "--name=bench", f"--filename={path}", "--ioengine=libaio", "--direct=1",
+        f"--rw={job['rw']}", f"--bs={job['bs']}", f"--iodepth={job['iodepth']}",
+        f"--size={size}", f"--runtime={runtime}", "--ramp_time=1", "--time_based",
+        "--output-format=json", "--randrepeat=0", "--norandommap",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out[out.index("{") :])["jobs"][0]
+    side = result["read"] if "read" in job["rw"] else result["write"]
+    return {"MB/s": side["bw_bytes"] / 1e6, "IOPS": side["iops"]}
+
+
+def make_image(path: Path, size: int, fmt: str) -> None:
+    """A fully written image, so reads measure data, not holes."""
+    raw = path.with_suffix(".raw")
+    subprocess.run(
+        ["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={size >> 20}", "status=none"],
+        check=True,
+    )
+    if fmt == "raw":
+        raw.rename(path)
+    else:
+        subprocess.run(["qemu-img", "convert", "-O", fmt, str(raw), str(path)], check=True)
+        raw.unlink()
+
+
+@contextmanager
+def host_file(image: Path, fmt: str, work: Path) -> Iterator[Path]:
+    if fmt != "raw":
+        raise SystemExit("the host-file target only makes sense for raw images")
+    yield image
+
+
+@contextmanager
+def fusedisk_mount(image: Path, fmt: str, work: Path) -> Iterator[Path]:
+    spec = work / "bench.toml"
+    spec.write_text(
+        f'[nodes.d0]\ndriver = "{fmt}"\nfilename = "{image}"\n[disks.vm0]\nnode = "d0"\n'
+    )
+    mount = Mount(spec, work / "mnt").start()
+    try:
+        yield mount.path("vm0.img")
+    finally:
+        mount.stop()
+
+
+@contextmanager
+def qsd_export(image: Path, fmt: str, work: Path) -> Iterator[Path]:
+    target = work / "qsd-export"
+    target.touch()
+    proc = subprocess.Popen(
+        [
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=f,filename={image}",
+            "--blockdev", f"driver={fmt},node-name=d,file=f",
+            "--export", f"type=fuse,id=e,node-name=d,mountpoint={target},writable=on",
+        ],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(target):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"qemu-storage-daemon did not mount: {proc.stderr.read()!r}")
+            time.sleep(0.05)
+        yield target
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if os.path.ismount(target):
+            subprocess.run(["fusermount3", "-uz", str(target)])
+
+
+TARGETS: dict[str, Callable[[Path, str, Path], AbstractContextManager[Path]]] = {
+    "host file": host_file,
+    "qemu-storage-daemon": qsd_export,
+    "fusedisk": fusedisk_mount,
+}
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout
+    return (
+        f"{os.cpu_count()} × {cpu}, {mem:.0f} GiB RAM, kernel {platform.release()}, "
+        f"Python {platform.python_version()}, {qemu.splitlines()[0]}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="512M")
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per job")
+    parser.add_argument("--format", default="raw", help="image format (raw, qcow2, ...)")
+    parser.add_argument("--jobs", default=",".join(JOBS))
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--dir", help="work folder (default: a temporary one)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if not shutil.which("fio"):
+        raise SystemExit("fio is not installed")
+    size = parse_size(args.size)
+    jobs = args.jobs.split(",")
+    targets = [t for t in args.targets.split(",") if args.format == "raw" or t != "host file"]
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="fusedisk-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    image = work / f"bench.{args.format}"
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for target in targets:
+            if image.exists():
+                image.unlink()
+            make_image(image, size, args.format)
+            results[target] = {}
+            with TARGETS[target](image, args.format, work) as path:
+                for job in jobs:
+                    results[target][job] = run_fio(path, JOBS[job], args.runtime, size)
+                    print(f"{target:>20} {job:<20} {results[target][job]}", file=sys.stderr)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nMachine: {machine()}")
+    print(f"Image: {args.format}, {args.size}; fio libaio direct=1, {args.runtime} s per job\n")
+    header = "| job | " + " | ".join(targets) + " | fusedisk / qsd |"
+    print(header)
+    print("|" + "---|" * (len(targets) + 2))
+    for job in jobs:
+        unit = "MB/s" if job.startswith("seq") else "IOPS"
+        cells = [f"{results[t][job][unit]:,.0f} {unit}" for t in targets]
+        ratio = ""
+        if "fusedisk" in results and "qemu-storage-daemon" in results:
+            qsd = results["qemu-storage-daemon"][job][unit]
+            ratio = f"{results['fusedisk'][job][unit] / qsd:.2f}"
+        print(f"| {job} | " + " | ".join(cells) + f" | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
