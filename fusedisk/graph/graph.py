@@ -70,6 +70,17 @@ class Graph:
         self.nodes[node.name] = node
         return node
 
+    async def open_spare(self, name: str) -> Node:
+        """Open a node of the spec that no disk uses yet (a spare for a quorum).
+
+        Refuses a node that is already open: a node has one parent.
+        """
+        if name in self.nodes:
+            raise OpenError(f"node '{name}' is already in use")
+        if name not in self.spec.nodes:
+            raise OpenError(f"there is no node named '{name}' in the spec")
+        return await self._open_spec_node(name)
+
     async def open_implicit(
         self, parent: Node, slot: str, driver: str, options: Mapping[str, Any]
     ) -> Node:

@@ -107,6 +107,8 @@ class NodeContext(Protocol):
         self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]
     ) -> Any: ...
 
+    async def open_spare(self, name: str) -> Node: ...
+
 
 COMMON_OPTIONS: Mapping[str, Option] = {
     "read-only": Option(
