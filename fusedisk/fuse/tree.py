@@ -23,7 +23,8 @@ from typing import Any
 
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
-from fusedisk.graph.node import Node
+from fusedisk.graph.node import GraphOp, Node
+from fusedisk.graph.snapshot import list_snapshots, take_snapshot
 
 
 class Entry:
@@ -92,16 +93,23 @@ class ControlTree:
 
     def disk_dir(self, disk: Disk) -> dict[str, Entry]:
         nodes = {n.name: n for n in self.graph.disk_nodes(disk)}
+
+        async def snapshot(text: str) -> None:
+            await take_snapshot(self.graph, disk, disk.root, text)
+
         return {
             "root": LinkEntry(f"nodes/{disk.top.name}"),
             "nodes": DirEntry(
-                lambda: {name: DirEntry(partial(self.node_dir, n)) for name, n in nodes.items()}
+                lambda: {
+                    name: DirEntry(partial(self.node_dir, disk, n)) for name, n in nodes.items()
+                }
             ),
             "size": _value(lambda: disk.size),
             "stats": FileEntry(lambda: _json(disk.stats_dict())),
+            "snapshot": FileEntry(lambda: list_snapshots(self.graph, disk), snapshot),
         }
 
-    def node_dir(self, node: Node) -> dict[str, Entry]:
+    def node_dir(self, disk: Disk, node: Node) -> dict[str, Entry]:
         out: dict[str, Entry] = {
             "driver": _value(lambda: node.driver),
             "size": _value(lambda: node.size),
@@ -122,6 +130,12 @@ class ControlTree:
             "siblings": DirEntry(lambda: self.siblings_dir(node)),
             "stats": FileEntry(lambda: _json({**node.stats.as_dict(), **node.driver_stats()})),
         }
+        if node.graph_op is not GraphOp.REFUSE and node.parents:
+
+            async def snapshot(text: str) -> None:
+                await take_snapshot(self.graph, disk, node.parents[0], text)
+
+            out["snapshot"] = FileEntry(lambda: list_snapshots(self.graph, disk), snapshot)
         for name, control in node.controls().items():
             out[name] = FileEntry(control.read, control.write)
         return out

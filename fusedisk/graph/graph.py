@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from fusedisk.errors import FuseDiskError, OpenError
+from fusedisk.graph.changes import apply_changes, load_changes
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.node import Node, walk
-from fusedisk.graph.registry import drivers
+from fusedisk.graph.registry import default_options, drivers
 from fusedisk.spec import Spec
 
 log = logging.getLogger("fusedisk")
@@ -37,7 +38,7 @@ class Graph:
 
     @classmethod
     async def open(cls, spec: Spec) -> Graph:
-        graph = cls(spec)
+        graph = cls(apply_changes(spec, load_changes(spec.path)))
         try:
             for disk_spec in spec.disks.values():
                 top = await graph._open_spec_node(disk_spec.node)
@@ -88,10 +89,33 @@ class Graph:
         name = f"{parent.name}.{slot}"
         while name in self.nodes or name in self.spec.nodes:
             name += "_"
-        cls = drivers()[driver]
-        full = {k: o.default for k, o in cls.all_options().items()}
-        full.update(options)
-        return await self._open(cls(name, full, {}, self))
+        return await self.add_node(name, driver, options, {})
+
+    async def add_node(
+        self,
+        name: str,
+        driver: str,
+        options: Mapping[str, Any],
+        children: Mapping[str, Node | list[Node]],
+    ) -> Node:
+        """Make and open a node at run time (an overlay); options default as in a spec."""
+        full = {**default_options(driver), **options}
+        node = drivers()[driver](name, full, children, self)
+        try:
+            return await self._open(node)
+        except BaseException:
+            for edge in node.children.values():
+                edge.detach()
+            raise
+
+    async def remove_node(self, node: Node) -> None:
+        """Close a node that no parent uses any more and unlink it from its children."""
+        try:
+            await node.close()
+        finally:
+            for edge in node.children.values():
+                edge.detach()
+            self.nodes.pop(node.name, None)
 
     def shared(self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]) -> Any:
         """The object for `[section.name]` of the spec, made once by `factory`.

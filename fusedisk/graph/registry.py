@@ -11,6 +11,7 @@ import importlib
 import inspect
 import pkgutil
 from functools import cache
+from typing import Any
 
 from fusedisk.graph.node import Node
 
@@ -36,3 +37,8 @@ def drivers() -> dict[str, type[Node]]:
 
 def driver_class(name: str) -> type[Node] | None:
     return drivers().get(name)
+
+
+def default_options(driver: str) -> dict[str, Any]:
+    """Every option of `driver` at its default: a node made by fusedisk, not by a spec."""
+    return {name: option.default for name, option in drivers()[driver].all_options().items()}

@@ -1,0 +1,144 @@
+"""Durable graph changes: recorded beside the spec, replayed on the next open.
+
+A snapshot changes the graph of a running mount; the user's spec file is never
+rewritten.  Instead each change is appended to `<spec>.state.json` (written to
+a temporary file, fsync'd, renamed over the old one, the folder fsync'd), and
+every open of the spec replays the recorded changes onto the parsed Spec before
+any image is opened.  So the disk never silently reopens on an older layer, and
+a change that no longer fits the spec (a node renamed) refuses to mount.
+
+The change is recorded *before* the live graph is switched: a crash between the
+two leaves a record whose overlays are empty, which is exactly the state the
+switched graph would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fusedisk.errors import SpecError
+from fusedisk.graph.registry import default_options
+from fusedisk.spec import NodeSpec, Spec
+
+STATE_VERSION = 1
+
+
+def state_path(spec_path: Path) -> Path:
+    return spec_path.with_name(spec_path.name + ".state.json")
+
+
+def load_changes(spec_path: Path) -> list[dict[str, Any]]:
+    path = state_path(spec_path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{path}: cannot read the recorded graph changes: {e}") from None
+    if doc.get("version") != STATE_VERSION or not isinstance(doc.get("changes"), list):
+        raise SpecError(f"{path}: not a fusedisk state file of version {STATE_VERSION}")
+    return list(doc["changes"])
+
+
+def save_changes(spec_path: Path, changes: list[dict[str, Any]]) -> None:
+    """Atomically replace the state file: write, fsync, rename, fsync the folder."""
+    path = state_path(spec_path)
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps({"version": STATE_VERSION, "changes": changes}, indent=2) + "\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _user_of(spec: Spec, name: str) -> tuple[str, str, int | None] | None:
+    """Who uses node `name`: ("node", parent, index) / ("disk", disk, None)."""
+    for node in spec.nodes.values():
+        for slot, ref in node.children.items():
+            if ref == name:
+                return (node.name, slot, None)
+            if isinstance(ref, list) and name in ref:
+                return (node.name, slot, ref.index(name))
+    for disk in spec.disks.values():
+        if disk.node == name:
+            return (f"disk:{disk.name}", "node", None)
+    return None
+
+
+def _repoint(spec: Spec, old: str, new: str) -> None:
+    user = _user_of(spec, old)
+    if user is None:
+        raise SpecError(f"{spec.path}: recorded change: nothing uses node '{old}' any more")
+    owner, slot, index = user
+    if owner.startswith("disk:"):
+        spec.disks[owner[5:]].node = new
+        return
+    children = spec.nodes[owner].children
+    ref = children[slot]
+    if isinstance(ref, list):
+        assert index is not None
+        children[slot] = [*ref[:index], new, *ref[index + 1 :]]
+    else:
+        children[slot] = new
+
+
+def _make_read_only(spec: Spec, name: str) -> None:
+    node = spec.nodes[name]
+    spec.nodes[name] = replace(node, options={**node.options, "read-only": True})
+    for ref in node.children.values():
+        for child in [ref] if isinstance(ref, str) else ref:
+            _make_read_only(spec, child)
+
+
+def overlay_specs(overlay: dict[str, Any]) -> list[NodeSpec]:
+    """The spec nodes of one recorded overlay: a qcow2 node and its file."""
+    node, base, filename = overlay["node"], overlay["base"], overlay["filename"]
+    options = default_options("qcow2")
+    file_options = {**default_options("file"), "filename": filename}
+    return [
+        NodeSpec(f"{node}.file", "file", file_options, inline=True),
+        NodeSpec(node, "qcow2", options, {"file": f"{node}.file", "backing": base}),
+    ]
+
+
+def apply_changes(spec: Spec, changes: list[dict[str, Any]]) -> Spec:
+    """The spec as the recorded changes left it (the input Spec is not modified)."""
+    if not changes:
+        return spec
+    spec = replace(
+        spec,
+        nodes={k: replace(v, children=dict(v.children)) for k, v in spec.nodes.items()},
+        disks={k: replace(v) for k, v in spec.disks.items()},
+    )
+    for change in changes:
+        if change.get("op") != "snapshot":
+            raise SpecError(f"{state_path(spec.path)}: unknown recorded change {change!r}")
+        for overlay in change["overlays"]:
+            base = overlay["base"]
+            if base not in spec.nodes:
+                raise SpecError(
+                    f"{state_path(spec.path)}: snapshot '{change['name']}' was taken of node "
+                    f"'{base}', which the spec no longer has; refusing to open an older layer"
+                )
+            if not Path(overlay["filename"]).exists():
+                raise SpecError(
+                    f"{state_path(spec.path)}: snapshot '{change['name']}': overlay "
+                    f"'{overlay['filename']}' is missing; refusing to open an older layer"
+                )
+            _repoint(spec, base, overlay["node"])
+            _make_read_only(spec, base)
+            for node in overlay_specs(overlay):
+                spec.nodes[node.name] = node
+    return spec
