@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import trio
 
@@ -30,17 +29,8 @@ def _tree_lines(node: Node, label: str, depth: int) -> list[str]:
     return lines
 
 
-def read_only_copy(spec: Spec) -> Spec:
-    """The same spec with every node forced read-only, so checking never writes."""
-    nodes = {
-        name: dataclasses.replace(n, options={**n.options, "read-only": True})
-        for name, n in spec.nodes.items()
-    }
-    return dataclasses.replace(spec, nodes=nodes)
-
-
 async def _check(spec: Spec) -> list[str]:
-    graph = await Graph.open(read_only_copy(spec))
+    graph = await Graph.open(spec, read_only=True)
     try:
         lines = []
         for disk in graph.disks.values():

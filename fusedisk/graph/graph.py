@@ -7,6 +7,7 @@ anything is mounted.  Walks go by edges (and so by roles), never by driver.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,10 +38,24 @@ class Graph:
         return self.spec.base_dir
 
     @classmethod
-    async def open(cls, spec: Spec) -> Graph:
-        graph = cls(apply_changes(spec, load_changes(spec.path)))
+    async def open(cls, spec: Spec, read_only: bool = False) -> Graph:
+        """Open every disk of `spec`, as the recorded graph changes left it.
+
+        With `read_only`, every node opens read-only and nothing is written
+        (`fusedisk check`).
+        """
+        spec = apply_changes(spec, load_changes(spec.path))
+        if read_only:
+            spec = dataclasses.replace(
+                spec,
+                nodes={
+                    name: dataclasses.replace(n, options={**n.options, "read-only": True})
+                    for name, n in spec.nodes.items()
+                },
+            )
+        graph = cls(spec)
         try:
-            for disk_spec in spec.disks.values():
+            for disk_spec in graph.spec.disks.values():
                 top = await graph._open_spec_node(disk_spec.node)
                 graph.disks[disk_spec.name] = Disk(disk_spec, top)
         except BaseException:
