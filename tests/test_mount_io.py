@@ -174,3 +174,15 @@ node = "b"
     with open(m.path("two.img"), "r+b") as f:
         f.write(b"X" * 10)
     assert (tmp_path / "b.img").read_bytes()[4096 : 4096 + 11] == b"X" * 10 + b"b"
+
+
+def test_the_connection_allows_many_background_requests(tmp_path, write_spec, mount):
+    # Throttled disks hold requests; the kernel's default of 12 outstanding
+    # background requests per mount would let them starve their neighbours.
+    from fusedisk.fuse.connection import FUSECTL, MAX_BACKGROUND, connection_id
+
+    make_image(tmp_path / "d0.img", MiB)
+    m = mount(write_spec(raw_spec()))
+    minor = connection_id(m.mountpoint)
+    assert minor is not None
+    assert (FUSECTL / str(minor) / "max_background").read_text() == f"{MAX_BACKGROUND}\n"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from fusedisk.fuse.connection import raise_background_limit
 from fusedisk.fuse.ops import DiskOperations
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import Spec
@@ -54,6 +55,7 @@ async def serve(
         ops = DiskOperations(graph)
         pyfuse3.init(ops, str(mountpoint), mount_options(spec, allow_other))
         try:
+            raise_background_limit(mountpoint)
             log.info("mounted %s at %s", spec.path, mountpoint)
             ready()
             async with trio.open_nursery() as nursery:
