@@ -25,6 +25,18 @@ class MountError(AssertionError):
     pass
 
 
+def is_mounted(path: Path) -> bool:
+    """From the mount table: os.path.ismount says False for a dead FUSE mount (ENOTCONN)."""
+    target = str(Path(path).absolute())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+
+
 class Mount:
     def __init__(self, spec: Path, mountpoint: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.spec = Path(spec)
@@ -64,9 +76,10 @@ class Mount:
     def stop(self, check_log: bool = True) -> None:
         """Unmount and wait for the daemon (it flushes and closes every image first)."""
         if self.proc is None:
+            force_unmount(self.mountpoint)
             return
         proc, self.proc = self.proc, None
-        if os.path.ismount(self.mountpoint):
+        if is_mounted(self.mountpoint):
             subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
         try:
             proc.wait(timeout=MOUNT_TIMEOUT)
@@ -76,8 +89,7 @@ class Mount:
             proc.wait()
             raise MountError(f"fusedisk did not exit after unmount:\n{self.log}") from None
         finally:
-            if os.path.ismount(self.mountpoint):
-                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+            force_unmount(self.mountpoint)
         if check_log and "unexpected error" in self.log:
             raise MountError(f"the daemon logged an unexpected error:\n{self.log}")
 
@@ -91,10 +103,9 @@ class Mount:
         finally:
             self.proc = None
             deadline = time.monotonic() + 5
-            while os.path.ismount(self.mountpoint) and time.monotonic() < deadline:
+            while is_mounted(self.mountpoint) and time.monotonic() < deadline:
                 time.sleep(0.05)  # auto_unmount's helper unmounts after the daemon dies
-            if os.path.ismount(self.mountpoint):
-                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+            force_unmount(self.mountpoint)
 
     def crash(self) -> None:
         """SIGKILL the daemon, as a crash would."""
