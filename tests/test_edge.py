@@ -66,7 +66,7 @@ async def test_discard_keeps_unaligned_ends_and_drops_tiny_ranges():
 
 async def test_requests_past_the_end_are_refused():
     edge = edge_to(MemoryNode(4096))
-    with pytest.raises(OutOfRange, match="node 'mem'.*past its end"):
+    with pytest.raises(OutOfRange, match=r"node 'mem'.*past its end"):
         await edge.read(4000, 100)
     with pytest.raises(OutOfRange):
         await edge.write(4096, b"x")
