@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""fio through a fusedisk mount: a 3-child quorum over raw files beside a single raw disk.
+
+    .venv/bin/python benchmarks/quorum_bench.py [--size 256M] [--runtime 5] [--dir DIR]
+        [--jobs seq-read-1M,rand-read-4k-qd1,...] [--pattern quorum|fifo] [--json OUT]
+
+Every target is a fusedisk mount of fully written images (random data, the same
+in each child), measured in one run with the jobs of fio_compare.py.  The quorum
+reads every child concurrently and compares the results, so its reads should
+cost little more than the slowest child; writes go to all three.  Results
+belong in docs/benchmarks.md with the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.fio_compare import JOBS, machine, run_fio  # noqa: E402
+from fusedisk.graph.options import parse_size  # noqa: E402
+from tests.mounting import Mount  # noqa: E402
+
+
+def make_images(work: Path, size: int, count: int) -> list[Path]:
+    """`count` identical raw images of random data (one written, the rest copied).
+
+    The last one is the single disk's, so its writes never touch the quorum's children.
+    """
+    first = work / "c0.img"
+    subprocess.run(
+        ["dd", "if=/dev/urandom", f"of={first}", "bs=1M", f"count={size >> 20}", "status=none"],
+        check=True,
+    )
+    images = [first]
+    for i in range(1, count):
+        image = work / f"c{i}.img"
+        shutil.copyfile(first, image)
+        images.append(image)
+    return images
+
+
+def single_spec(images: list[Path], pattern: str) -> str:
+    return f'[nodes.d0]\ndriver = "raw"\nfilename = "{images[-1]}"\n[disks.vm0]\nnode = "d0"\n'
+
+
+def quorum_spec(images: list[Path], pattern: str) -> str:
+    children = ", ".join(f'{{ driver = "raw", filename = "{p}" }}' for p in images[:3])
+    return (
+        f'[nodes.q]\ndriver = "quorum"\nvote-threshold = 2\nread-pattern = "{pattern}"\n'
+        f'children = [{children}]\n[disks.vm0]\nnode = "q"\n'
+    )
+
+
+TARGETS = {"single raw": single_spec, "quorum 3 x raw": quorum_spec}
+
+
+@contextmanager
+def mounted(work: Path, text: str) -> Iterator[Path]:
+    spec = work / "bench.toml"
+    spec.write_text(text)
+    mount = Mount(spec, work / "mnt").start()
+    try:
+        yield mount.path("vm0.img")
+    finally:
+        mount.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="256M")
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per job")
+    parser.add_argument("--jobs", default=",".join(JOBS))
+    parser.add_argument("--pattern", default="quorum", choices=("quorum", "fifo"))
+    parser.add_argument("--dir", help="work folder (default: a temporary one)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if not shutil.which("fio"):
+        raise SystemExit("fio is not installed")
+    size = parse_size(args.size)
+    jobs = args.jobs.split(",")
+    work = Path(args.dir or tempfile.mkdtemp(prefix="fusedisk-quorum-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        images = make_images(work, size, 4)
+        for target, make_spec in TARGETS.items():
+            results[target] = {}
+            with mounted(work, make_spec(images, args.pattern)) as path:
+                for job in jobs:
+                    results[target][job] = run_fio(path, JOBS[job], args.runtime, size)
+                    print(f"{target:>16} {job:<20} {results[target][job]}", file=sys.stderr)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nMachine: {machine()}")
+    print(
+        f"Images: raw, {args.size}; quorum read-pattern {args.pattern}, vote-threshold 2; "
+        f"fio libaio direct=1, {args.runtime} s per job\n"
+    )
+    targets = list(TARGETS)
+    print("| job | " + " | ".join(targets) + " | quorum / single |")
+    print("|" + "---|" * (len(targets) + 2))
+    for job in jobs:
+        unit = "MB/s" if job.startswith("seq") else "IOPS"
+        cells = [f"{results[t][job][unit]:,.0f} {unit}" for t in targets]
+        ratio = results[targets[1]][job][unit] / results[targets[0]][job][unit]
+        print(f"| {job} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
