@@ -146,7 +146,9 @@ class _Parser:
         option_table_ = {k: v for k, v in table.items() if k not in slots}
         spec.options = self.parse_options(where, option_table_, cls.all_options())
         for slot in cls.child_slots:
-            if slot.name in table:
+            if table.get(slot.name) == "" and not slot.required and not slot.many:
+                spec.options[slot.name] = None  # QEMU's `backing: null`: explicitly none
+            elif slot.name in table:
                 spec.children[slot.name] = self.child_refs(name, slot, table[slot.name], where)
             elif slot.required:
                 raise self.fail(where, f"child '{slot.name}' is required")

@@ -21,6 +21,12 @@ class Context:
     def shared(self, *args: Any) -> Any:
         raise NotImplementedError
 
+    async def open_spare(self, name: str) -> Node:
+        raise NotImplementedError
+
+    async def remove_node(self, node: Node) -> None:
+        await node.close()
+
 
 class MemoryNode(Node):
     """Bytes in a bytearray; records every request it sees (to check alignment)."""

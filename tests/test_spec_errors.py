@@ -164,3 +164,16 @@ def test_inline_and_named_children_and_sizes(tmp_path):
     assert spec.nodes["d0"].options["offset"] == 65536
     assert spec.nodes["f"].options["filename"] == "/abs/x.img"
     assert spec.disks["vm0"].mode == 0o644
+
+
+def test_an_empty_optional_child_means_none(tmp_path):
+    spec = parse_spec(
+        '[nodes.d0]\ndriver = "qcow2"\nfilename = "d0.qcow2"\nbacking = ""\n'
+        '[disks.vm0]\nnode = "d0"\n',
+        tmp_path / "spec.toml",
+    )
+    assert "backing" not in spec.nodes["d0"].children
+    assert spec.nodes["d0"].options["backing"] is None
+    with pytest.raises(SpecError, match="no node named ''"):
+        parse_spec('[nodes.d0]\ndriver = "raw"\nfile = ""\n[disks.vm0]\nnode = "d0"\n',
+                   tmp_path / "spec.toml")  # fmt: skip

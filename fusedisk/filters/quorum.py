@@ -59,7 +59,7 @@ import xxhash
 from fusedisk.errors import ControlError, FuseDiskError, IOFailure, OpenError
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent, Status, merge_extents
-from fusedisk.graph.node import ChildSlot, Control, GraphOp, Node, NodeContext, Role, walk
+from fusedisk.graph.node import ChildSlot, Control, GraphOp, Node, NodeContext, Role
 from fusedisk.graph.options import REQUIRED, Option, option_table
 
 log = logging.getLogger("fusedisk")
@@ -933,22 +933,7 @@ class QuorumNode(Node):
 
     async def _close_detached(self, node: Node) -> None:
         """Flush and close a node (and its subtree) that left the graph."""
-        subtree = list(walk(node))
-        try:
-            await node.flush()
-        except Exception as e:
-            log.warning("node '%s': flushing detached '%s' failed: %s", self.name, node.name, e)
-        for n in subtree:
-            try:
-                await n.close()
-            except Exception as e:
-                log.warning("node '%s': closing detached '%s' failed: %s", self.name, n.name, e)
-        # Workaround until the graph can forget a node: the graph would close it again.
-        nodes = getattr(self.context, "nodes", None)
-        if isinstance(nodes, dict):
-            for n in subtree:
-                if nodes.get(n.name) is n:
-                    del nodes[n.name]
+        await self.context.remove_node(node)
 
     # -- control files -----------------------------------------------------------------
 

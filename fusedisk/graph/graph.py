@@ -124,15 +124,31 @@ class Graph:
             raise
 
     async def remove_node(self, node: Node) -> None:
-        """Close a node that no parent uses any more and unlink it from its children."""
+        """Take a node out of the graph for good: flush, close, unlink, forget.
+
+        Children left without a parent go with it (an overlay's own file, a
+        replaced quorum child's subtree); children still used elsewhere (the
+        base an overlay was on) stay.  Removing a node twice does nothing.
+        """
+        if self.nodes.get(node.name) is not node:
+            return
+        del self.nodes[node.name]
+        try:
+            await node.flush()
+        except Exception as e:
+            log.warning("node '%s': flush before removal failed: %s", node.name, e)
         try:
             await node.close()
-        finally:
-            for edge in node.children.values():
-                edge.detach()
-            self.nodes.pop(node.name, None)
+        except Exception as e:
+            log.warning("node '%s': close failed: %s", node.name, e)
+        for edge in list(node.children.values()):
+            edge.detach()
+            if not edge.node.parents:
+                await self.remove_node(edge.node)
 
-    def shared(self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]) -> Any:
+    def shared(
+        self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]
+    ) -> Any:
         """The object for `[section.name]` of the spec, made once by `factory`.
 
         Raises KeyError if the spec has no such entry; the spec has already
@@ -158,10 +174,17 @@ class Graph:
                 log.error("disk '%s': flush at shutdown failed: %s", disk.name, e)
 
     async def close(self, flush: bool = True) -> None:
-        """Flush every disk, then close nodes parents first."""
+        """Flush every disk, then close nodes parents first (those of the disks' trees
+        in tree order, so a node opened at run time closes before its children)."""
         if flush:
             await self.flush_all()
+        order: dict[int, Node] = {}
+        for disk in self.disks.values():
+            for node in walk(disk.top):
+                order.setdefault(id(node), node)
         for node in reversed(list(self.nodes.values())):
+            order.setdefault(id(node), node)
+        for node in order.values():
             try:
                 await node.close()
             except Exception as e:

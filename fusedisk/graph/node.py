@@ -109,6 +109,8 @@ class NodeContext(Protocol):
 
     async def open_spare(self, name: str) -> Node: ...
 
+    async def remove_node(self, node: Node) -> None: ...
+
 
 COMMON_OPTIONS: Mapping[str, Option] = {
     "read-only": Option(
@@ -190,6 +192,10 @@ class Node:
 
     async def close(self) -> None:
         """Release what `open` took; the graph has flushed before calling it."""
+
+    async def prepare_read_only(self) -> None:
+        """The graph is about to make this node read-only (the base of a snapshot):
+        write back what is cached and mark the image clean while it still can."""
 
     def begin_drain(self) -> None:
         """The disk is draining: let queued requests through now (throttle does).

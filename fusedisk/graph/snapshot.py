@@ -148,9 +148,10 @@ async def take_snapshot(graph: Graph, disk: Disk, start: Edge, name: str) -> dic
         async with disk.drained():
             save_changes(graph.spec.path, [*changes, record])
             for plan, node in zip(plans, opened[1::2], strict=True):
-                plan.edge.replace(node)
                 for below in walk(plan.base):
+                    await below.prepare_read_only()
                     below.read_only = True
+                plan.edge.replace(node)
     except BaseException as e:
         for node in reversed(opened):
             await graph.remove_node(node)
