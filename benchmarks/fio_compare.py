@@ -54,8 +54,20 @@ def run_fio(path: Path, job: dict[str, str], runtime: int, size: int) -> dict[st
     return {"MB/s": side["bw_bytes"] / 1e6, "IOPS": side["iops"]}
 
 
+KEY = "benchmark-passphrase"
+
+
 def make_image(path: Path, size: int, fmt: str) -> None:
     """A fully written image, so reads measure data, not holes."""
+    if fmt == "luks":  # ciphertext of nothing reads as noise: no need to fill it
+        key = path.with_name("key")
+        key.write_text(KEY)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s0,file={key}",
+             "-o", "key-secret=s0,iter-time=10", str(path), str(size)],
+            check=True,
+        )  # fmt: skip
+        return
     raw = path.with_suffix(".raw")
     subprocess.run(
         ["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={size >> 20}", "status=none"],
@@ -78,9 +90,10 @@ def host_file(image: Path, fmt: str, work: Path) -> Iterator[Path]:
 @contextmanager
 def fusedisk_mount(image: Path, fmt: str, work: Path) -> Iterator[Path]:
     spec = work / "bench.toml"
-    spec.write_text(
-        f'[nodes.d0]\ndriver = "{fmt}"\nfilename = "{image}"\n[disks.vm0]\nnode = "d0"\n'
-    )
+    child = f'filename = "{image}"'
+    if fmt == "luks":
+        child = f'file = {{ driver = "file", filename = "{image}" }}\nkey-file = "{work / "key"}"'
+    spec.write_text(f'[nodes.d0]\ndriver = "{fmt}"\n{child}\n[disks.vm0]\nnode = "d0"\n')
     mount = Mount(spec, work / "mnt").start()
     try:
         yield mount.path("vm0.img")
@@ -92,11 +105,13 @@ def fusedisk_mount(image: Path, fmt: str, work: Path) -> Iterator[Path]:
 def qsd_export(image: Path, fmt: str, work: Path) -> Iterator[Path]:
     target = work / "qsd-export"
     target.touch()
+    secret = ["--object", f"secret,id=s0,file={work / 'key'}"] if fmt == "luks" else []
+    key = ",key-secret=s0" if fmt == "luks" else ""
     proc = subprocess.Popen(
         [
-            "qemu-storage-daemon",
+            "qemu-storage-daemon", *secret,
             "--blockdev", f"driver=file,node-name=f,filename={image}",
-            "--blockdev", f"driver={fmt},node-name=d,file=f",
+            "--blockdev", f"driver={fmt},node-name=d,file=f{key}",
             "--export", f"type=fuse,id=e,node-name=d,mountpoint={target},writable=on",
         ],
         stderr=subprocess.PIPE,
@@ -141,7 +156,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="512M")
     parser.add_argument("--runtime", type=int, default=5, help="seconds per job")
-    parser.add_argument("--format", default="raw", help="image format (raw, qcow2, ...)")
+    parser.add_argument("--format", default="raw", help="image format: raw, qcow2 or luks")
+    parser.add_argument(
+        "--fresh", action="store_true", help="qcow2: start from an empty image (allocating writes)"
+    )
     parser.add_argument("--jobs", default=",".join(JOBS))
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--dir", help="work folder (default: a temporary one)")
@@ -161,7 +179,11 @@ def main() -> int:
         for target in targets:
             if image.exists():
                 image.unlink()
-            make_image(image, size, args.format)
+            if args.fresh:
+                subprocess.run(["qemu-img", "create", "-q", "-f", args.format, str(image),
+                                str(size)], check=True)  # fmt: skip
+            else:
+                make_image(image, size, args.format)
             results[target] = {}
             with TARGETS[target](image, args.format, work) as path:
                 for job in jobs:

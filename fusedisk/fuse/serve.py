@@ -7,6 +7,8 @@ process exits, so what a writer saw written is on the host files.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import signal
 from collections.abc import Callable
@@ -22,6 +24,9 @@ from fusedisk.spec import Spec
 
 log = logging.getLogger("fusedisk")
 
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
 
 def mount_options(spec: Spec, allow_other: bool) -> set[str]:
     options = {
@@ -33,6 +38,22 @@ def mount_options(spec: Spec, allow_other: bool) -> set[str]:
     if allow_other:
         options.add("allow_other")
     return options
+
+
+def tune_malloc() -> None:
+    """Keep large request buffers in the heap instead of mmap'ing each one.
+
+    glibc serves allocations of 128 KiB and more with a fresh mmap and gives
+    them back on free, so every 1 MiB request faulted in 256 new pages; on
+    these VMs that cost more than the AES of a luks request (180 vs 980 MB/s
+    measured) and cut 3-way quorum reads to a sixth.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        log.info("mallopt is not available; large buffers stay mmap'd")
 
 
 async def _stop_on_signals() -> None:
@@ -50,6 +71,7 @@ async def serve(
     ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Open `spec`'s graph and serve it at `mountpoint` until unmounted."""
+    tune_malloc()
     graph = await Graph.open(spec)
     try:
         ops = DiskOperations(graph)
