@@ -21,10 +21,18 @@ def test_demo_mounts_usable_disks_and_says_how_to_unmount(tmp_path):
     try:
         assert result.returncode == 0, result.stderr
         assert f"fusermount3 -u {mnt}" in result.stdout
-        assert sorted(os.listdir(mnt)) == ["data", "data.img", "vm0", "vm0.img"]
+        assert sorted(os.listdir(mnt)) == [
+            "scratch", "scratch.img", "throttle-groups", "vm0", "vm0.img"
+        ]  # fmt: skip
+        assert os.readlink(mnt / "vm0" / "nodes" / "crypt" / "children" / "file") == "../../q"
         with open(mnt / "vm0.img", "r+b") as f:
+            f.write(b"hello, encrypted quorum")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(mnt / "vm0.img", "rb") as f:
+            assert f.read(23) == b"hello, encrypted quorum"
+        with open(mnt / "scratch.img", "r+b") as f:
             f.write(b"hello")
-        assert (folder / "system.img").read_bytes()[:5] == b"hello"
-        assert (mnt / "data.img").stat().st_size == 64 << 20
+        assert (folder / "images" / "scratch.img").read_bytes()[:5] == b"hello"
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)

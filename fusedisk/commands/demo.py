@@ -11,28 +11,60 @@ import os
 from pathlib import Path
 
 from fusedisk.commands import mount as mount_command
+from fusedisk.formats.qcow2.create import create_qcow2
 
 DEMO_SPEC = """\
-# The fusedisk demo: two disks over raw images in this folder.
+# The fusedisk demo: the seed tree -- a throttled, encrypted quorum of three
+# qcow2 images -- and a plain raw scratch disk beside it.
 
-[nodes.system]
-driver = "raw"
-filename = "system.img"
+[throttle-groups.demo]
+iops-total = 5000
+bps-total = "200M"
 
-[nodes.data-part]
+[nodes.thr]
+driver = "throttle"
+file = "crypt"
+throttle-group = "demo"
+
+[nodes.crypt]
+driver = "luks"
+file = "q"
+key-file = "demo.key"
+format = true            # formats the quorum on first mount; never over existing data
+iter-time = 200
+
+[nodes.q]
+driver = "quorum"
+children = ["d0", "d1", "d2"]
+vote-threshold = 2
+rewrite-corrupted = true
+
+[nodes.d0]
+driver = "qcow2"
+filename = "images/d0.qcow2"
+
+[nodes.d1]
+driver = "qcow2"
+filename = "images/d1.qcow2"
+
+[nodes.d2]
+driver = "qcow2"
+filename = "images/d2.qcow2"
+
+[nodes.scratch]
 driver = "raw"
-file = { driver = "file", filename = "data.img" }
-offset = "1M"            # a window: the first MiB of data.img is not part of the disk
+filename = "images/scratch.img"
 
 [disks.vm0]
-node = "system"
-detect-zeroes = "unmap"  # zero writes punch holes in system.img
+node = "thr"
 
-[disks.data]
-node = "data-part"
+[disks.scratch]
+node = "scratch"
+detect-zeroes = "unmap"  # zero writes punch holes in scratch.img
 """
 
-IMAGES = {"system.img": 256 << 20, "data.img": 65 << 20}
+QCOW2_IMAGES = ("d0.qcow2", "d1.qcow2", "d2.qcow2")
+DISK_SIZE = 256 << 20
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,12 +81,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def prepare(folder: Path) -> Path:
     """Create the demo images (sparse) and spec in `folder`; returns the spec's path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, size in IMAGES.items():
-        image = folder / name
-        if not image.exists():
-            with open(image, "wb") as f:
-                f.truncate(size)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name in QCOW2_IMAGES:
+        if not (images / name).exists():
+            create_qcow2(images / name, DISK_SIZE)
+    scratch = images / "scratch.img"
+    if not scratch.exists():
+        with open(scratch, "wb") as f:
+            f.truncate(DISK_SIZE)
+    key = folder / "demo.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
     spec = folder / "demo.toml"
     spec.write_text(DEMO_SPEC)
     (folder / "mnt").mkdir(exist_ok=True)
@@ -76,13 +115,18 @@ def run(args: argparse.Namespace) -> int:
     if status != 0:
         return status
     print(
-        f"""fusedisk demo mounted at {mnt} (spec: {spec}, log: {folder / 'fusedisk.log'})
+        f"""fusedisk demo mounted at {mnt}
+spec: {spec}   log: {folder / 'fusedisk.log'}
 
-  ls -l {mnt}                         the disks: vm0.img, data.img
-  ls {mnt}/vm0/nodes/                 each disk's tree of nodes (driver, options/, stats, ...)
-  cat {mnt}/vm0/nodes/system/stats    request counters
-  mkfs.ext4 -F {mnt}/vm0.img          use a disk like any image (qemu, qemu-io, losetup...)
-  qemu-img info {mnt}/vm0.img
+vm0.img is throttle -> luks -> quorum -> 3 x qcow2; scratch.img is a raw image.
+
+  ls -l {mnt}
+  ls {mnt}/vm0/nodes/                        every node: driver, options/, children/, stats...
+  cat {mnt}/vm0/nodes/q/status               the quorum's children
+  mkfs.ext4 -F {mnt}/vm0.img                 use a disk like any image
+  echo s1 > {mnt}/vm0/snapshot               qcow2 overlays go in below the quorum
+  ls -l {mnt}/vm0/nodes/q/children/
+  echo 1000 > {mnt}/throttle-groups/demo/options/iops-total
 
 Unmount with: fusermount3 -u {mnt}"""
     )
