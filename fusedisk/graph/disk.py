@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from time import perf_counter_ns
 from typing import Any
 
+import numpy as np
 import trio
 
 from fusedisk.errors import ControlError, OutOfRange, ReadOnly
@@ -22,17 +23,14 @@ from fusedisk.graph.node import Node, Role, walk
 from fusedisk.graph.stats import IoStats
 from fusedisk.spec import DiskSpec
 
-_ZEROES = bytes(1 << 20)
-
 
 def is_zero(data: bytes) -> bool:
-    """True if every byte is zero (memcmp against a shared zero buffer)."""
-    view = memoryview(data)
-    for start in range(0, len(view), len(_ZEROES)):
-        chunk = view[start : start + len(_ZEROES)]
-        if chunk != _ZEROES[: len(chunk)]:
-            return False
-    return True
+    """True if every byte is zero.
+
+    numpy's any() scans a MiB in tens of microseconds; comparing a memoryview
+    with bytes took 4.5 ms per MiB here.
+    """
+    return not np.frombuffer(data, dtype=np.uint8).any()
 
 
 class Disk:
