@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "check",
         help="validate a spec and print its trees, without mounting",
         description="Check SPEC as `mount` would (every image is opened, read-only, and "
-        "nothing is written), then print each disk's tree of nodes.",
+        "nothing is written), print each disk's tree of nodes, and run the consistency "
+        "check of formats that have one (dedup). Exit status: 0 clean, 1 refused, "
+        "2 corruption found, 3 leaks only.",
     )
     p.add_argument("spec", help="the TOML spec file")
     p.set_defaults(func=run)
@@ -29,23 +31,32 @@ def _tree_lines(node: Node, label: str, depth: int) -> list[str]:
     return lines
 
 
-async def _check(spec: Spec) -> list[str]:
+async def _check(spec: Spec) -> tuple[list[str], int]:
     graph = await Graph.open(spec, read_only=True)
     try:
         lines = []
+        status = 0
         for disk in graph.disks.values():
             lines.append(f"disk {disk.name}: {disk.size} bytes")
             lines += _tree_lines(disk.top, "", 1)
+        # Formats with a consistency check of their own (dedup) run it, read-only.
+        for node in graph.nodes.values():
+            check = getattr(node, "check", None)
+            if check is not None:
+                report = await check()
+                lines += [f"node {node.name}: {line}" for line in report.lines()]
+                status = max(status, report.exit_code)
         unused = sorted(set(spec.nodes) - set(graph.nodes))
         if unused:
             lines.append(f"nodes not in any disk: {', '.join(unused)}")
-        return lines
+        return lines, status
     finally:
         await graph.close(flush=False)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    for line in trio.run(_check, spec):
+    lines, status = trio.run(_check, spec)
+    for line in lines:
         print(line)
-    return 0
+    return status

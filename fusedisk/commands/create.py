@@ -69,6 +69,16 @@ def _create_raw(
         os.close(fd)
 
 
+def _create_dedup(
+    path: Path, size: int | None, backing: str | None, fmt: str | None, o: dict[str, Any]
+) -> None:
+    from fusedisk.commands.dedup import create_image
+
+    if size is None or not o["data"]:
+        raise SpecError("a dedup image needs a size and -o data=DATAFILE")
+    create_image(path, o["data"], size, o["block_size"])
+
+
 CREATORS: dict[str, Creator] = {
     "qcow2": Creator(
         option_table(
@@ -85,6 +95,13 @@ CREATORS: dict[str, Creator] = {
         backing=True,
     ),
     "raw": Creator({}, _create_raw),
+    "dedup": Creator(
+        option_table(
+            Option("data", "str", None, "the data file (FILE holds the metadata)"),
+            Option("block_size", "size", 4096, "deduplication block size"),
+        ),
+        _create_dedup,
+    ),
 }
 
 
