@@ -8,6 +8,9 @@ nothing of pyfuse3; `ops.py` adapts it to FUSE.
     <disk>.img                  the disk
     <disk>/root                 -> nodes/<top>
     <disk>/stats                disk counters (JSON)
+    <disk>/snapshot             take a snapshot / list them (docs/snapshots.md)
+    <disk>/commit, stream       start a background job; <disk>/job: its progress, cancel
+    <disk>/revert               back to a snapshot
     <disk>/nodes/<node>/        driver, size, options/, children/, parents/,
                                 siblings/, stats, and the driver's controls
     <section>/<name>/           shared objects (throttle-groups): options/, stats
@@ -23,6 +26,7 @@ from typing import Any
 
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
+from fusedisk.graph.jobs import revert, start_commit, start_stream
 from fusedisk.graph.node import GraphOp, Node
 from fusedisk.graph.snapshot import list_snapshots, take_snapshot
 
@@ -58,6 +62,20 @@ def _json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True) + "\n"
 
 
+_COMMIT_HELP = (
+    "write nothing to merge the newest snapshot's overlays into their bases, or a snapshot's\n"
+    "name to merge every layer down to its bases; runs in the background: see job\n"
+)
+_STREAM_HELP = (
+    "write nothing to copy the backing data into the active overlays and drop their\n"
+    "backing files; runs in the background: see job\n"
+)
+_REVERT_HELP = (
+    "write nothing to throw away what was written since the newest snapshot, or a\n"
+    "snapshot's name to go back to it (its overlays must be the active layers)\n"
+)
+
+
 def _value(text: Callable[[], Any]) -> FileEntry:
     return FileEntry(lambda: f"{text()}\n")
 
@@ -67,6 +85,7 @@ class ControlTree:
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
+        self.jobs = graph.jobs
 
     def resolve(self, path: tuple[str, ...]) -> Entry | None:
         entry: Entry = DirEntry(self.root)
@@ -95,7 +114,20 @@ class ControlTree:
         nodes = {n.name: n for n in self.graph.disk_nodes(disk)}
 
         async def snapshot(text: str) -> None:
+            self.jobs.check_idle(disk, "a snapshot")
             await take_snapshot(self.graph, disk, disk.root, text)
+
+        async def commit(text: str) -> None:
+            await start_commit(self.graph, disk, self.jobs, text)
+
+        async def stream(text: str) -> None:
+            await start_stream(self.graph, disk, self.jobs, text)
+
+        async def revert_to(text: str) -> None:
+            await revert(self.graph, disk, self.jobs, text)
+
+        async def job(text: str) -> None:
+            await self.jobs.control(disk, text)
 
         return {
             "root": LinkEntry(f"nodes/{disk.top.name}"),
@@ -107,6 +139,10 @@ class ControlTree:
             "size": _value(lambda: disk.size),
             "stats": FileEntry(lambda: _json(disk.stats_dict())),
             "snapshot": FileEntry(lambda: list_snapshots(self.graph, disk), snapshot),
+            "commit": FileEntry(lambda: _COMMIT_HELP, commit),
+            "stream": FileEntry(lambda: _STREAM_HELP, stream),
+            "revert": FileEntry(lambda: _REVERT_HELP, revert_to),
+            "job": FileEntry(lambda: self.jobs.status(disk), job),
         }
 
     def node_dir(self, disk: Disk, node: Node) -> dict[str, Entry]:
@@ -133,6 +169,7 @@ class ControlTree:
         if node.graph_op is not GraphOp.REFUSE and node.parents:
 
             async def snapshot(text: str) -> None:
+                self.jobs.check_idle(disk, "a snapshot")
                 await take_snapshot(self.graph, disk, node.parents[0], text)
 
             out["snapshot"] = FileEntry(lambda: list_snapshots(self.graph, disk), snapshot)

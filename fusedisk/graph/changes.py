@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fusedisk.errors import SpecError
-from fusedisk.graph.registry import default_options
+from fusedisk.graph.node import Role
+from fusedisk.graph.registry import default_options, drivers
 from fusedisk.spec import NodeSpec, Spec
 
 STATE_VERSION = 1
@@ -102,6 +103,79 @@ def _make_read_only(spec: Spec, name: str) -> None:
             _make_read_only(spec, child)
 
 
+def _set_writable(spec: Spec, name: str) -> None:
+    """Undo `_make_read_only` on a commit's base: the node and all but its backing."""
+    node = spec.nodes[name]
+    spec.nodes[name] = replace(node, options={**node.options, "read-only": False})
+    cls = drivers().get(node.driver)
+    roles = {slot.name: slot.role for slot in cls.child_slots} if cls else {}
+    for slot, ref in node.children.items():
+        if roles.get(slot) == Role.BACKING:
+            continue
+        for child in [ref] if isinstance(ref, str) else ref:
+            _set_writable(spec, child)
+
+
+def _reachable(spec: Spec) -> set[str]:
+    """The nodes the disks of the spec open."""
+    seen: set[str] = set()
+    todo = [disk.node for disk in spec.disks.values()]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in spec.nodes:
+            continue
+        seen.add(name)
+        for ref in spec.nodes[name].children.values():
+            todo.extend([ref] if isinstance(ref, str) else ref)
+    return seen
+
+
+def _remove_unused(spec: Spec, name: str) -> None:
+    """Drop node `name` from the spec if nothing uses it, and then its children alike."""
+    if name not in spec.nodes or name in spec.parent_of():
+        return
+    node = spec.nodes.pop(name)
+    for ref in node.children.values():
+        for child in [ref] if isinstance(ref, str) else ref:
+            _remove_unused(spec, child)
+
+
+def overlay_links(changes: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Overlay node -> its base, for the overlays the changes leave in the graph.
+
+    A committed overlay is gone; a streamed one (and every overlay of the chain
+    it streamed from) maps to None: it no longer has its snapshot's base.
+    """
+    links: dict[str, str | None] = {}
+    for change in changes:
+        op = change.get("op")
+        if op == "snapshot":
+            for overlay in change["overlays"]:
+                links[overlay["node"]] = overlay["base"]
+        elif op == "commit":
+            links.pop(change["overlay"], None)
+        elif op == "stream":
+            below = links.get(change["node"])
+            links[change["node"]] = None
+            while below is not None and below in links:
+                node, below = below, links[below]
+                links[node] = None
+    return links
+
+
+def live_snapshots(changes: list[dict[str, Any]], disk: str) -> list[dict[str, Any]]:
+    """The snapshot records of `disk` that still mark a point one can go back to
+    (some overlay of it still sits on its base), oldest first."""
+    links = overlay_links(changes)
+    return [
+        c
+        for c in changes
+        if c.get("op") == "snapshot"
+        and c.get("disk") == disk
+        and any(links.get(o["node"]) == o["base"] for o in c["overlays"])
+    ]
+
+
 def overlay_specs(overlay: dict[str, Any]) -> list[NodeSpec]:
     """The spec nodes of one recorded overlay: a qcow2 node and its file."""
     node, base, filename = overlay["node"], overlay["base"], overlay["filename"]
@@ -122,23 +196,52 @@ def apply_changes(spec: Spec, changes: list[dict[str, Any]]) -> Spec:
         nodes={k: replace(v, children=dict(v.children)) for k, v in spec.nodes.items()},
         disks={k: replace(v) for k, v in spec.disks.items()},
     )
+    where = state_path(spec.path)
+    overlay_files: dict[str, tuple[str, str]] = {}  # node -> (snapshot, filename)
     for change in changes:
-        if change.get("op") != "snapshot":
-            raise SpecError(f"{state_path(spec.path)}: unknown recorded change {change!r}")
-        for overlay in change["overlays"]:
-            base = overlay["base"]
-            if base not in spec.nodes:
+        op = change.get("op")
+        if op == "snapshot":
+            for overlay in change["overlays"]:
+                base = overlay["base"]
+                if base not in spec.nodes:
+                    raise SpecError(
+                        f"{where}: snapshot '{change['name']}' was taken of node "
+                        f"'{base}', which the spec no longer has; refusing to open an older layer"
+                    )
+                _repoint(spec, base, overlay["node"])
+                _make_read_only(spec, base)
+                for node in overlay_specs(overlay):
+                    spec.nodes[node.name] = node
+                overlay_files[overlay["node"]] = (change["name"], overlay["filename"])
+        elif op == "commit":
+            overlay, base = change["overlay"], change["base"]
+            if overlay not in spec.nodes or base not in spec.nodes:
                 raise SpecError(
-                    f"{state_path(spec.path)}: snapshot '{change['name']}' was taken of node "
-                    f"'{base}', which the spec no longer has; refusing to open an older layer"
+                    f"{where}: recorded commit of node '{overlay}' into '{base}': the spec "
+                    "has no such node; refusing to open an older layer"
                 )
-            if not Path(overlay["filename"]).exists():
+            _repoint(spec, overlay, base)
+            children = spec.nodes[overlay].children
+            if children.get("backing") == base:
+                del children["backing"]
+            _remove_unused(spec, overlay)
+            _set_writable(spec, base)
+        elif op == "stream":
+            name = change["node"]
+            if name not in spec.nodes:
                 raise SpecError(
-                    f"{state_path(spec.path)}: snapshot '{change['name']}': overlay "
-                    f"'{overlay['filename']}' is missing; refusing to open an older layer"
+                    f"{where}: recorded stream into node '{name}': the spec has no such node"
                 )
-            _repoint(spec, base, overlay["node"])
-            _make_read_only(spec, base)
-            for node in overlay_specs(overlay):
-                spec.nodes[node.name] = node
+            node = spec.nodes[name]
+            node.children.pop("backing", None)
+            spec.nodes[name] = replace(node, options={**node.options, "backing": None})
+        else:
+            raise SpecError(f"{where}: unknown recorded change {change!r}")
+    used = _reachable(spec)
+    for name, (snapshot, filename) in overlay_files.items():
+        if name in used and not Path(filename).exists():
+            raise SpecError(
+                f"{where}: snapshot '{snapshot}': overlay '{filename}' is missing; "
+                "refusing to open an older layer"
+            )
     return spec

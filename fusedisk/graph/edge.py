@@ -8,12 +8,18 @@ enforcement, and the per-node counters behind `stats`.
 
 Re-pointing an edge to another node is how a graph change (snapshot, commit,
 child replacement) is made; node contents are never swapped.
+
+A background job (commit, stream: graph/jobs.py) may hook the writes that
+pass an edge: each hook's `enter` is awaited before a write, write-zeroes or
+discard (it may make the request wait) and its `leave` is called after it,
+successful or not (the inner call passes `_hooked=True`).  An edge without
+hooks pays one truth test per request.
 """
 
 from __future__ import annotations
 
 from time import perf_counter_ns
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -51,10 +57,18 @@ class RangeLock:
         token[2].set()
 
 
+class WriteHook(Protocol):
+    """Sees (and may hold back) the writes that pass an edge; see the module doc."""
+
+    async def enter(self, offset: int, length: int) -> Any: ...
+
+    def leave(self, token: Any) -> None: ...
+
+
 class Edge:
     """A parent's link to one child, named (`file`, `children.0`) and with a role."""
 
-    __slots__ = ("_locks", "name", "node", "parent", "role")
+    __slots__ = ("_locks", "hooks", "name", "node", "parent", "role")
 
     def __init__(self, parent: Node | None, name: str, role: str, node: Node) -> None:
         self.parent = parent
@@ -62,6 +76,8 @@ class Edge:
         self.role = role
         self.node = node
         self._locks = RangeLock()
+        #: write hooks of a running job (install and remove them only while drained)
+        self.hooks: list[WriteHook] = []
         node.parents.append(self)
 
     def __repr__(self) -> str:
@@ -76,6 +92,21 @@ class Edge:
 
     def detach(self) -> None:
         self.node.parents.remove(self)
+
+    async def _enter_hooks(self, offset: int, length: int) -> list[tuple[WriteHook, Any]]:
+        entered: list[tuple[WriteHook, Any]] = []
+        try:
+            for hook in list(self.hooks):
+                entered.append((hook, await hook.enter(offset, length)))
+        except BaseException:
+            self._leave_hooks(entered)
+            raise
+        return entered
+
+    @staticmethod
+    def _leave_hooks(entered: list[tuple[WriteHook, Any]]) -> None:
+        for hook, token in reversed(entered):
+            hook.leave(token)
 
     # -- checks -------------------------------------------------------------
 
@@ -118,7 +149,14 @@ class Edge:
         st.read_ns += perf_counter_ns() - t0
         return data
 
-    async def write(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: bytes, *, _hooked: bool = False) -> None:
+        if self.hooks and not _hooked:
+            entered = await self._enter_hooks(offset, len(data))
+            try:
+                await self.write(offset, data, _hooked=True)
+            finally:
+                self._leave_hooks(entered)
+            return
         length = len(data)
         node = self._check_range(offset, length, True)
         if length == 0:
@@ -179,8 +217,15 @@ class Edge:
         st.flush_ops += 1
         st.flush_ns += perf_counter_ns() - t0
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def discard(self, offset: int, length: int, *, _hooked: bool = False) -> None:
         """Discard is advisory: the unaligned head and tail are simply kept."""
+        if self.hooks and not _hooked:
+            entered = await self._enter_hooks(offset, length)
+            try:
+                await self.discard(offset, length, _hooked=True)
+            finally:
+                self._leave_hooks(entered)
+            return
         node = self._check_range(offset, length, True)
         align = node.request_alignment
         start = -(-offset // align) * align
@@ -198,8 +243,17 @@ class Edge:
         st.discard_bytes += end - start
         st.discard_ns += perf_counter_ns() - t0
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, *, _hooked: bool = False
+    ) -> None:
         """Zero a range; unaligned ends are written as zero bytes (read-modify-write)."""
+        if self.hooks and not _hooked:
+            entered = await self._enter_hooks(offset, length)
+            try:
+                await self.write_zeroes(offset, length, unmap, _hooked=True)
+            finally:
+                self._leave_hooks(entered)
+            return
         node = self._check_range(offset, length, True)
         if length == 0:
             return

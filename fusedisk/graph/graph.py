@@ -16,6 +16,7 @@ from typing import Any
 from fusedisk.errors import FuseDiskError, OpenError
 from fusedisk.graph.changes import apply_changes, load_changes
 from fusedisk.graph.disk import Disk
+from fusedisk.graph.jobs import Jobs
 from fusedisk.graph.node import Node, walk
 from fusedisk.graph.registry import default_options, drivers
 from fusedisk.spec import Spec
@@ -32,6 +33,8 @@ class Graph:
         self.disks: dict[str, Disk] = {}
         #: graph-level objects nodes share, by (section, name): throttle groups
         self.shared_objects: dict[tuple[str, str], Any] = {}
+        #: background commit and stream jobs, one per disk at a time
+        self.jobs = Jobs(self)
 
     @property
     def base_dir(self) -> Path:
@@ -176,6 +179,7 @@ class Graph:
     async def close(self, flush: bool = True) -> None:
         """Flush every disk, then close nodes parents first (those of the disks' trees
         in tree order, so a node opened at run time closes before its children)."""
+        await self.jobs.aclose()
         if flush:
             await self.flush_all()
         order: dict[int, Node] = {}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusedisk.errors import ControlError, FuseDiskError
-from fusedisk.graph.changes import load_changes, overlay_specs, save_changes
+from fusedisk.graph.changes import live_snapshots, load_changes, overlay_specs, save_changes
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.node import GraphOp, Node, Role, walk
 
@@ -166,10 +166,10 @@ async def take_snapshot(graph: Graph, disk: Disk, start: Edge, name: str) -> dic
 
 
 def list_snapshots(graph: Graph, disk: Disk) -> str:
-    """The text of `<disk>/snapshot`: one line per snapshot, oldest first."""
+    """The text of `<disk>/snapshot`: one line per snapshot, oldest first (a snapshot
+    merged away by a commit or a stream is no longer listed)."""
     lines = []
-    for change in load_changes(graph.spec.path):
-        if change.get("op") == "snapshot" and change.get("disk") == disk.name:
-            files = " ".join(o["filename"] for o in change["overlays"])
-            lines.append(f"{change['name']}\t{change['time']}\t{files}")
+    for change in live_snapshots(load_changes(graph.spec.path), disk.name):
+        files = " ".join(o["filename"] for o in change["overlays"])
+        lines.append(f"{change['name']}\t{change['time']}\t{files}")
     return "".join(f"{line}\n" for line in lines)

@@ -37,6 +37,8 @@ from fusedisk.formats.qcow2.compress import decompress_cluster
 from fusedisk.formats.qcow2.layout import (
     ALL_SUBCLUSTERS,
     AUTOCLEAR_KNOWN,
+    EXT_BACKING_FORMAT,
+    EXT_END,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     OFF_AUTOCLEAR,
@@ -383,6 +385,51 @@ class Qcow2Node(Node):
             await self._writeback()
             if self.h.version >= 3:
                 await self._set_incompat(self.h.incompatible & ~INCOMPAT_DIRTY)
+
+    async def prepare_writable(self) -> None:
+        """The counterpart of `prepare_read_only`: the graph has made this node and its
+        file writable again at run time (the base of a commit).  Repairs a dirty image
+        and marks a v3 image dirty, as a read-write open does."""
+        if self._rw_open:
+            return
+        if self.h.incompatible & INCOMPAT_CORRUPT:
+            raise OpenError(
+                f"node '{self.name}': {self.where} is marked corrupt; it cannot be written"
+            )
+        async with self._meta_lock:
+            await self._start_writing()
+
+    async def drop_backing(self) -> None:
+        """Make the image standalone: its header names no backing file any more.
+
+        For the end of a stream, when this image holds everything its backing
+        chain gave it.  Metadata is written back and synced first; then the
+        backing name (offset and size in one 12-byte write) and the
+        backing-format extension go.  The graph detaches the backing edge.
+        """
+        async with self._meta_lock:
+            await self._writeback()
+            h = self.h
+            await self.file.write(8, bytes(12))  # backing_file_offset, backing_file_size
+            await self.file.flush()
+            start = h.header_length if h.version >= 3 else 72
+            limit = min(self.cs, self.file.node.size)
+            head = await self.file.read(0, limit)
+            kept, pos = bytearray(), start
+            while pos + 8 <= limit:
+                ext_type, length = struct.unpack_from(">II", head, pos)
+                if ext_type == EXT_END:
+                    break
+                step = 8 + (length + 7) // 8 * 8
+                if ext_type != EXT_BACKING_FORMAT:
+                    kept += head[pos : pos + step]
+                pos += step
+            end = max(pos + 8, h.backing_file_offset + h.backing_file_size)
+            new = bytes(kept) + bytes(8)  # the end marker
+            await self.file.write(start, new + bytes(max(0, min(end, limit) - start - len(new))))
+            await self.file.flush()
+            h.backing_file_offset = h.backing_file_size = 0
+            h.backing_file = h.backing_format = None
 
     # -- helpers for data I/O -----------------------------------------------------------
 
