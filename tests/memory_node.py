@@ -27,6 +27,9 @@ class Context:
     async def remove_node(self, node: Node) -> None:
         await node.close()
 
+    def record_change(self, change: dict[str, Any]) -> None:
+        self.changes = [*getattr(self, "changes", []), change]
+
 
 class MemoryNode(Node):
     """Bytes in a bytearray; records every request it sees (to check alignment)."""

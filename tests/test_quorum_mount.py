@@ -241,6 +241,10 @@ def test_replace_a_failed_child_while_fio_writes(tmp_path, write_spec, mount):
         result = run("qemu-img", "compare", c0, str(tmp_path / f"{name}.qcow2"), ok=False)
         assert result.returncode == 0, result.stdout + result.stderr
     run("qemu-img", "check", "-q", str(tmp_path / "spare.qcow2"))
+    # The replacement is durable: the next mount opens the spare, not the failed child.
+    m2 = mount(tmp_path / "spec.toml", name="mnt2")
+    assert os.readlink(m2.path("vm0", "nodes", "q", "children", "children.1")) == "../../spare"
+    assert status(m2)["state"] == "healthy"
 
 
 def test_each_child_lists_its_siblings(tmp_path, write_spec, mount):

@@ -899,6 +899,11 @@ class QuorumNode(Node):
                 self._check_new_child(temp)  # a guest write may have failed on it
                 old_node = old.node
                 new_node = temp.node
+                # Durable before it is made: the next mount opens the new child.
+                self.context.record_change(
+                    {"op": "replace", "parent": self.name, "old": old_node.name,
+                     "new": new_node.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                )  # fmt: skip
                 del self.children[temp.name]
                 del self.child_state[temp.name]
                 temp.detach()

@@ -64,6 +64,11 @@ def save_changes(spec_path: Path, changes: list[dict[str, Any]]) -> None:
         os.close(dir_fd)
 
 
+def record_change(spec_path: Path, change: dict[str, Any]) -> None:
+    """Append one change to the durable log (see save_changes)."""
+    save_changes(spec_path, [*load_changes(spec_path), change])
+
+
 def _user_of(spec: Spec, name: str) -> tuple[str, str, int | None] | None:
     """Who uses node `name`: ("node", parent, index) / ("disk", disk, None)."""
     for node in spec.nodes.values():
@@ -213,6 +218,14 @@ def apply_changes(spec: Spec, changes: list[dict[str, Any]]) -> Spec:
                 for node in overlay_specs(overlay):
                     spec.nodes[node.name] = node
                 overlay_files[overlay["node"]] = (change["name"], overlay["filename"])
+        elif op == "replace":  # a quorum child replaced by a spare (filters/quorum.py)
+            old, new = change["old"], change["new"]
+            if old not in spec.nodes or new not in spec.nodes:
+                raise SpecError(
+                    f"{where}: recorded replacement of node '{old}' by '{new}': the spec "
+                    "has no such node; refusing to open the replaced child"
+                )
+            _repoint(spec, old, new)
         elif op == "commit":
             overlay, base = change["overlay"], change["base"]
             if overlay not in spec.nodes or base not in spec.nodes:

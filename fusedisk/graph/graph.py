@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fusedisk.errors import FuseDiskError, OpenError
-from fusedisk.graph.changes import apply_changes, load_changes
+from fusedisk.graph.changes import apply_changes, load_changes, record_change
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.jobs import Jobs
 from fusedisk.graph.node import Node, walk
@@ -99,6 +99,10 @@ class Graph:
         if name not in self.spec.nodes:
             raise OpenError(f"there is no node named '{name}' in the spec")
         return await self._open_spec_node(name)
+
+    def record_change(self, change: dict[str, Any]) -> None:
+        """Make a graph change durable before it is applied (graph/changes.py)."""
+        record_change(self.spec.path, change)
 
     async def open_implicit(
         self, parent: Node, slot: str, driver: str, options: Mapping[str, Any]

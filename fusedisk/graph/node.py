@@ -111,6 +111,8 @@ class NodeContext(Protocol):
 
     async def remove_node(self, node: Node) -> None: ...
 
+    def record_change(self, change: dict[str, Any]) -> None: ...
+
 
 COMMON_OPTIONS: Mapping[str, Option] = {
     "read-only": Option(
