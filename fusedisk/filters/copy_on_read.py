@@ -29,10 +29,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import trio
-
 from fusedisk.errors import OpenError
-from fusedisk.graph.edge import Edge
+from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Status
 from fusedisk.graph.node import Filter, Node, Role
 from fusedisk.graph.options import Option, option_table
@@ -83,30 +81,6 @@ def _subtract(ranges: list[Range], taken: list[Range]) -> list[Range]:
     return out
 
 
-class _RangeGate:
-    """Shared (guest write) and exclusive (copy) locks on byte ranges."""
-
-    def __init__(self) -> None:
-        self._held: list[tuple[int, int, bool, trio.Event]] = []
-
-    async def acquire(
-        self, start: int, end: int, exclusive: bool
-    ) -> tuple[int, int, bool, trio.Event]:
-        while True:
-            for s, e, excl, event in self._held:
-                if s < end and start < e and (exclusive or excl):
-                    await event.wait()
-                    break
-            else:
-                token = (start, end, exclusive, trio.Event())
-                self._held.append(token)
-                return token
-
-    def release(self, token: tuple[int, int, bool, trio.Event]) -> None:
-        self._held.remove(token)
-        token[3].set()
-
-
 class CopyOnReadNode(Filter):
     driver = "copy-on-read"
     summary = "writes data read from the backing chain into the top image"
@@ -121,7 +95,7 @@ class CopyOnReadNode(Filter):
 
     async def open(self) -> None:
         await super().open()
-        self._gate = _RangeGate()
+        self._gate = RangeLock()
         self.copy_ops = 0
         self.copied_bytes = 0
         self.zero_copies = 0

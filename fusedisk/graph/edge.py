@@ -31,30 +31,34 @@ if TYPE_CHECKING:
 
 
 class RangeLock:
-    """Serialises writes whose byte ranges overlap.
+    """Locks on byte ranges: exclusive ones wait for every overlapping holder,
+    shared ones only for overlapping exclusive holders.
 
-    Only edges to nodes with a request alignment above 1 use it: there a
-    read-modify-write of a partial block must not interleave with another
-    write to the same block, or one of the two writes is lost.
+    Edges to nodes with a request alignment above 1 take exclusive locks, so a
+    read-modify-write of a partial block never interleaves with another write
+    to that block; copy jobs (copy-on-read, stream) take exclusive locks while
+    guest writes take shared ones, so a copy never overwrites newer data.
     """
 
     def __init__(self) -> None:
-        self._held: list[tuple[int, int, trio.Event]] = []
+        self._held: list[tuple[int, int, bool, trio.Event]] = []
 
-    async def acquire(self, start: int, end: int) -> tuple[int, int, trio.Event]:
+    async def acquire(
+        self, start: int, end: int, exclusive: bool = True
+    ) -> tuple[int, int, bool, trio.Event]:
         while True:
-            for s, e, event in self._held:
-                if s < end and start < e:
+            for s, e, excl, event in self._held:
+                if s < end and start < e and (exclusive or excl):
                     await event.wait()
                     break
             else:
-                token = (start, end, trio.Event())
+                token = (start, end, exclusive, trio.Event())
                 self._held.append(token)
                 return token
 
-    def release(self, token: tuple[int, int, trio.Event]) -> None:
+    def release(self, token: tuple[int, int, bool, trio.Event]) -> None:
         self._held.remove(token)
-        token[2].set()
+        token[3].set()
 
 
 class WriteHook(Protocol):

@@ -52,7 +52,7 @@ import trio
 from fusedisk.errors import ControlError, FuseDiskError
 from fusedisk.graph.changes import live_snapshots, load_changes, overlay_links, save_changes
 from fusedisk.graph.disk import is_zero
-from fusedisk.graph.edge import Edge
+from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Status
 from fusedisk.graph.node import Node, Role, walk
 from fusedisk.graph.snapshot import image_of, snapshot_points
@@ -113,28 +113,16 @@ class _CopyGate:
     """Guest writes take shared locks on their ranges, a stream chunk an exclusive one."""
 
     def __init__(self) -> None:
-        self._held: list[tuple[int, int, bool, trio.Event]] = []
-
-    async def _acquire(self, start: int, end: int, exclusive: bool) -> Any:
-        while True:
-            for s, e, excl, event in self._held:
-                if s < end and start < e and (exclusive or excl):
-                    await event.wait()
-                    break
-            else:
-                token = (start, end, exclusive, trio.Event())
-                self._held.append(token)
-                return token
+        self._locks = RangeLock()
 
     async def enter(self, offset: int, length: int) -> Any:
-        return await self._acquire(offset, offset + length, False)
+        return await self._locks.acquire(offset, offset + length, exclusive=False)
 
     async def lock(self, start: int, end: int) -> Any:
-        return await self._acquire(start, end, True)
+        return await self._locks.acquire(start, end, exclusive=True)
 
     def leave(self, token: Any) -> None:
-        self._held.remove(token)
-        token[3].set()
+        self._locks.release(token)
 
 
 # -- the job object and the per-mount registry ------------------------------------------
