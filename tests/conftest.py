@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -68,6 +69,29 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
             errors.append(str(e))
     if errors:
         pytest.fail("\n".join(errors))
+
+
+def run(*cmd: object) -> str:
+    """Run a program that must succeed (qemu-img, losetup, mkfs...); its stdout."""
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def write_at(path: Path | str, offset: int, data: bytes) -> None:
+    """Write and fsync, as a guest that wants its data to stay would."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_at(path: Path | str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
 
 
 def make_image(path: Path, size: int, pattern: bytes | None = None) -> Path:

@@ -22,7 +22,7 @@ from fusedisk.graph.extents import Extent, Status, merge_extents
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.node import Node, Role
 from fusedisk.spec import DiskSpec, parse_spec
-from tests.conftest import needs
+from tests.conftest import needs, run
 from tests.memory_node import Context, MemoryNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,12 +32,6 @@ needs_qemu = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
     reason="qemu-img and qemu-io are needed",
 )
-
-
-def run(*cmd: str | Path) -> str:
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}{result.stderr}"
-    return result.stdout
 
 
 def qemu_io(image: Path, *commands: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fusedisk.cli import main as cli
-from tests.conftest import needs
+from tests.conftest import needs, run
 from tests.test_dedup_io import BS, pattern_block
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
@@ -40,12 +40,6 @@ def dedup_spec(write_spec, tmp_path: Path, size: str) -> Path:
 
 def stats(m) -> dict:
     return json.loads(m.path("vm0", "nodes", "dd", "stats").read_text())
-
-
-def run(*cmd: str) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}{result.stderr}"
-    return result.stdout
 
 
 def test_the_same_64_mib_at_four_offsets_is_stored_once(tmp_path, write_spec, mount):

@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from fusedisk.graph.registry import drivers
-from tests.conftest import make_image, needs
+from tests.conftest import make_image, needs, run
 from tests.mounting import MountError
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180)]
 
 MiB = 1 << 20
-
-
-def run(*cmd: object) -> str:
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}{result.stderr}"
-    return result.stdout
 
 
 def luks_spec(child: str, **options: str) -> str:

@@ -8,17 +8,11 @@ import subprocess
 
 import pytest
 
-from tests.conftest import make_image, needs, raw_spec
+from tests.conftest import make_image, needs, raw_spec, run
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
 MiB = 1 << 20
-
-
-def run(*cmd: str) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}{result.stderr}"
-    return result.stdout
 
 
 @needs("qemu-io")

@@ -12,33 +12,12 @@ import time
 
 import pytest
 
-from tests.conftest import needs
+from tests.conftest import needs, read_at, run, write_at
 from tests.test_quorum_mount import SEED_TREE
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180), needs("qemu-img", "fio")]
 
 MiB = 1 << 20
-
-
-def run(*cmd: str) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)}:\n{result.stdout}{result.stderr}"
-    return result.stdout
-
-
-def write_at(path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_at(path, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from fusedisk.graph.graph import Graph
 from fusedisk.graph.jobs import Jobs, start_commit
 from fusedisk.graph.snapshot import take_snapshot
 from fusedisk.spec import parse_spec
-from tests.conftest import needs
+from tests.conftest import needs, write_at
 from tests.test_quorum_mount import SEED_TREE
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180), needs("qemu-img")]
@@ -40,15 +40,6 @@ def qemu_img(*args: str) -> str:
     result = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
     assert result.returncode == 0, f"qemu-img {' '.join(args)}:\n{result.stdout}{result.stderr}"
     return result.stdout
-
-
-def write_at(path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_all(path) -> bytes:
