@@ -132,3 +132,19 @@ def test_snapshot_names_are_checked(tmp_path, images, write_spec, mount):
     m.path("vm0", "snapshot").write_text("ok\n")
     with pytest.raises(OSError):
         m.path("vm0", "snapshot").write_text("ok\n")  # names are unique per spec
+
+
+def test_check_shows_the_recorded_overlays_and_writes_nothing(tmp_path, images, write_spec, mount):
+    import sys
+
+    spec = write_spec(SPEC)
+    m = mount(spec)
+    m.path("vm0", "snapshot").write_text("s1\n")
+    m.stop()
+    files = sorted(images.iterdir())
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    result = subprocess.run([sys.executable, "-m", "fusedisk", "check", str(spec)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "d0.s1 (qcow2" in result.stdout and "backing: d0 (qcow2" in result.stdout
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
