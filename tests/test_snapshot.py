@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -135,8 +136,6 @@ def test_snapshot_names_are_checked(tmp_path, images, write_spec, mount):
 
 
 def test_check_shows_the_recorded_overlays_and_writes_nothing(tmp_path, images, write_spec, mount):
-    import sys
-
     spec = write_spec(SPEC)
     m = mount(spec)
     m.path("vm0", "snapshot").write_text("s1\n")
