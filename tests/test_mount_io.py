@@ -179,3 +179,27 @@ def test_the_connection_allows_many_background_requests(tmp_path, write_spec, mo
     minor = connection_id(m.mountpoint)
     assert minor is not None
     assert (FUSECTL / str(minor) / "max_background").read_text() == f"{MAX_BACKGROUND}\n"
+
+
+def test_a_growable_disk_grows_with_truncate_and_never_shrinks(tmp_path, write_spec, mount):
+    image = make_image(tmp_path / "d0.img", MiB)
+    m = mount(write_spec(raw_spec(disk_options="growable = true")))
+    disk = m.path("vm0.img")
+    os.truncate(disk, 3 * MiB)
+    assert disk.stat().st_size == 3 * MiB and image.stat().st_size == 3 * MiB
+    with open(disk, "r+b") as f:
+        f.seek(3 * MiB - 5)
+        f.write(b"tail!")
+    assert image.read_bytes()[-5:] == b"tail!"
+    with pytest.raises(OSError):
+        os.truncate(disk, MiB)
+    assert image.stat().st_size == 3 * MiB
+
+
+def test_a_fixed_disk_refuses_to_change_size(tmp_path, write_spec, mount):
+    make_image(tmp_path / "d0.img", MiB)
+    m = mount(write_spec(raw_spec()))
+    os.truncate(m.path("vm0.img"), MiB)  # the same size is fine (O_TRUNC of a full write)
+    with pytest.raises(OSError):
+        os.truncate(m.path("vm0.img"), 2 * MiB)
+    assert (tmp_path / "d0.img").stat().st_size == MiB
