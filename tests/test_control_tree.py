@@ -121,3 +121,13 @@ def test_background_mount_returns_when_ready_and_unmount_ends_the_daemon(tmp_pat
         subprocess.run(["sleep", "0.05"])
     assert "all disks flushed and closed" in log.read_text()
     assert not os.path.ismount(mnt)
+
+
+def test_a_refused_control_write_says_why_in_last_error(tmp_path, write_spec, mount):
+    make_image(tmp_path / "d0.img", 1 << 20)
+    m = mount(write_spec(SPEC))
+    assert m.path("last-error").read_text() == ""
+    with pytest.raises(OSError):
+        m.path("vm0", "snapshot").write_text("bad/name\n")
+    text = m.path("last-error").read_text()
+    assert "vm0/snapshot" in text and "snapshot name 'bad/name'" in text

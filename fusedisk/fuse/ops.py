@@ -253,8 +253,11 @@ class DiskOperations(pyfuse3.Operations):
             await handle.entry.write(buf.decode(errors="replace").rstrip("\n"))
             return len(buf)
         except Exception as e:
-            where = handle.name if isinstance(handle, Disk) else handle.path
-            raise fuse_error(e, f"write to {where}") from None
+            if isinstance(handle, Disk):
+                raise fuse_error(e, f"write to {handle.name}") from None
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            self.tree.last_error = f"{stamp} {handle.path}: {e}\n"
+            raise fuse_error(e, f"write to {handle.path}") from None
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         try:

@@ -86,6 +86,8 @@ class ControlTree:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.jobs = graph.jobs
+        #: why the last refused control-file write was refused (`echo` only shows errno)
+        self.last_error = ""
 
     def resolve(self, path: tuple[str, ...]) -> Entry | None:
         entry: Entry = DirEntry(self.root)
@@ -108,6 +110,7 @@ class ControlTree:
         sections = sorted({section for section, _ in self.graph.shared_objects})
         for section in sections:
             out[section] = DirEntry(partial(self.section_dir, section))
+        out["last-error"] = FileEntry(lambda: self.last_error)
         return out
 
     def disk_dir(self, disk: Disk) -> dict[str, Entry]:
