@@ -376,3 +376,18 @@ async def test_a_commit_cancelled_midway_changes_nothing_and_can_run_again(tmp_p
     assert await disk.read(0, 8 * MiB) == b"B" * (8 * MiB)
     await graph.close()
     qemu_img("check", str(images / "d0.qcow2"))
+
+
+def test_commit_refuses_a_base_the_spec_declares_read_only(tmp_path, images, write_spec, mount):
+    make_disk(images, "16M")
+    m = mount(write_spec(SPEC.replace('driver = "qcow2"', 'driver = "qcow2"\nread-only = true')))
+    control(m, "snapshot", "s1")  # a writable overlay on a read-only golden image
+    write_at(m.path("vm0.img"), 0, b"g" * 65536)
+    before = digest(images / "d0.qcow2")
+    with pytest.raises(OSError):
+        control(m, "commit")
+        control(m, "job", "wait")
+    state = job(m)
+    assert state["state"] == "failed" and "read-only in the spec" in state["error"]
+    assert os.readlink(m.path("vm0", "root")) == "nodes/d0.s1"
+    assert digest(images / "d0.qcow2") == before

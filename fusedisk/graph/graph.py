@@ -28,7 +28,9 @@ class Graph:
     """All opened nodes of one spec and the disks exported from them."""
 
     def __init__(self, spec: Spec) -> None:
-        self.spec = spec
+        self.spec = spec  # as the recorded graph changes left it
+        #: the spec as its author wrote it (what they declared read-only stays so)
+        self.user_spec = spec
         self.nodes: dict[str, Node] = {}  # in open order: children before parents
         self.disks: dict[str, Disk] = {}
         #: graph-level objects nodes share, by (section, name): throttle groups
@@ -47,6 +49,7 @@ class Graph:
         With `read_only`, every node opens read-only and nothing is written
         (`fusedisk check`).
         """
+        user_spec = spec
         spec = apply_changes(spec, load_changes(spec.path))
         if read_only:
             spec = dataclasses.replace(
@@ -57,6 +60,7 @@ class Graph:
                 },
             )
         graph = cls(spec)
+        graph.user_spec = user_spec
         try:
             for disk_spec in graph.spec.disks.values():
                 top = await graph._open_spec_node(disk_spec.node)

@@ -410,6 +410,12 @@ async def start_commit(graph: Graph, disk: Disk, jobs: Jobs, name: str) -> Job:
 async def _reopen_writable(graph: Graph, step: _Step) -> None:
     """Drained: swap in read-write opens of the base's leaves; base and subtree writable."""
     subtree = _own_subtree(step.base)
+    declared = graph.user_spec.nodes
+    for node in subtree:
+        if node.name in declared and declared[node.name].options.get("read-only"):
+            raise JobError(
+                f"node '{node.name}' is read-only in the spec; a commit would write to it"
+            )
     fresh: list[tuple[Node, Node]] = []
     try:
         for leaf in [n for n in subtree if not n.children]:
