@@ -88,17 +88,26 @@ def host_file(image: Path, fmt: str, work: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def fusedisk_mount(image: Path, fmt: str, work: Path) -> Iterator[Path]:
+def mounted_spec(work: Path, text: str) -> Iterator[Path]:
+    """Mount a spec's text with fusedisk; yields the path of its disk vm0."""
     spec = work / "bench.toml"
-    child = f'filename = "{image}"'
-    if fmt == "luks":
-        child = f'file = {{ driver = "file", filename = "{image}" }}\nkey-file = "{work / "key"}"'
-    spec.write_text(f'[nodes.d0]\ndriver = "{fmt}"\n{child}\n[disks.vm0]\nnode = "d0"\n')
+    spec.write_text(text)
     mount = Mount(spec, work / "mnt").start()
     try:
         yield mount.path("vm0.img")
     finally:
         mount.stop()
+
+
+@contextmanager
+def fusedisk_mount(image: Path, fmt: str, work: Path) -> Iterator[Path]:
+    child = f'filename = "{image}"'
+    if fmt == "luks":
+        child = f'file = {{ driver = "file", filename = "{image}" }}\nkey-file = "{work / "key"}"'
+    with mounted_spec(
+        work, f'[nodes.d0]\ndriver = "{fmt}"\n{child}\n[disks.vm0]\nnode = "d0"\n'
+    ) as path:
+        yield path
 
 
 @contextmanager
@@ -135,6 +144,26 @@ TARGETS: dict[str, Callable[[Path, str, Path], AbstractContextManager[Path]]] = 
     "qemu-storage-daemon": qsd_export,
     "fusedisk": fusedisk_mount,
 }
+
+
+def print_table(
+    results: dict[str, dict[str, dict[str, float]]],
+    jobs: list[str],
+    numerator: str,
+    denominator: str,
+    ratio_label: str,
+) -> None:
+    """A markdown table of every target's MB/s (sequential) or IOPS, and one ratio."""
+    targets = list(results)
+    print("| job | " + " | ".join(targets) + f" | {ratio_label} |")
+    print("|" + "---|" * (len(targets) + 2))
+    for job in jobs:
+        unit = "MB/s" if job.startswith("seq") else "IOPS"
+        cells = [f"{results[t][job][unit]:,.0f} {unit}" for t in targets]
+        ratio = ""
+        if numerator in results and denominator in results:
+            ratio = f"{results[numerator][job][unit] / results[denominator][job][unit]:.2f}"
+        print(f"| {job} | " + " | ".join(cells) + f" | {ratio} |")
 
 
 def machine() -> str:
@@ -195,17 +224,7 @@ def main() -> int:
 
     print(f"\nMachine: {machine()}")
     print(f"Image: {args.format}, {args.size}; fio libaio direct=1, {args.runtime} s per job\n")
-    header = "| job | " + " | ".join(targets) + " | fusedisk / qsd |"
-    print(header)
-    print("|" + "---|" * (len(targets) + 2))
-    for job in jobs:
-        unit = "MB/s" if job.startswith("seq") else "IOPS"
-        cells = [f"{results[t][job][unit]:,.0f} {unit}" for t in targets]
-        ratio = ""
-        if "fusedisk" in results and "qemu-storage-daemon" in results:
-            qsd = results["qemu-storage-daemon"][job][unit]
-            ratio = f"{results['fusedisk'][job][unit] / qsd:.2f}"
-        print(f"| {job} | " + " | ".join(cells) + f" | {ratio} |")
+    print_table(results, jobs, "fusedisk", "qemu-storage-daemon", "fusedisk / qsd")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
     return 0

@@ -19,16 +19,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fio_compare import JOBS, machine, run_fio  # noqa: E402
+from benchmarks.fio_compare import JOBS, machine, mounted_spec, print_table, run_fio  # noqa: E402
 from fusedisk.graph.options import parse_size  # noqa: E402
-from tests.mounting import Mount  # noqa: E402
 
 
 def make_images(work: Path, size: int, count: int) -> list[Path]:
@@ -64,17 +61,6 @@ def quorum_spec(images: list[Path], pattern: str) -> str:
 TARGETS = {"single raw": single_spec, "quorum 3 x raw": quorum_spec}
 
 
-@contextmanager
-def mounted(work: Path, text: str) -> Iterator[Path]:
-    spec = work / "bench.toml"
-    spec.write_text(text)
-    mount = Mount(spec, work / "mnt").start()
-    try:
-        yield mount.path("vm0.img")
-    finally:
-        mount.stop()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="256M")
@@ -95,7 +81,7 @@ def main() -> int:
         images = make_images(work, size, 4)
         for target, make_spec in TARGETS.items():
             results[target] = {}
-            with mounted(work, make_spec(images, args.pattern)) as path:
+            with mounted_spec(work, make_spec(images, args.pattern)) as path:
                 for job in jobs:
                     results[target][job] = run_fio(path, JOBS[job], args.runtime, size)
                     print(f"{target:>16} {job:<20} {results[target][job]}", file=sys.stderr)
@@ -108,14 +94,8 @@ def main() -> int:
         f"Images: raw, {args.size}; quorum read-pattern {args.pattern}, vote-threshold 2; "
         f"fio libaio direct=1, {args.runtime} s per job\n"
     )
-    targets = list(TARGETS)
-    print("| job | " + " | ".join(targets) + " | quorum / single |")
-    print("|" + "---|" * (len(targets) + 2))
-    for job in jobs:
-        unit = "MB/s" if job.startswith("seq") else "IOPS"
-        cells = [f"{results[t][job][unit]:,.0f} {unit}" for t in targets]
-        ratio = results[targets[1]][job][unit] / results[targets[0]][job][unit]
-        print(f"| {job} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    single, quorum = list(TARGETS)
+    print_table(results, jobs, quorum, single, "quorum / single")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
     return 0
