@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import needs
+from tests.conftest import needs, run, write_at
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120), needs("qemu-img", "qemu-io")]
 
@@ -27,17 +27,11 @@ node = "d0"
 
 
 def qemu_img(*args: str) -> str:
-    result = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    return run("qemu-img", *args)
 
 
 def pattern_write(path, offset: int, length: int, byte: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes([byte]) * length)
-        f.flush()
-        os.fsync(f.fileno())
+    write_at(path, offset, bytes([byte]) * length)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import threading
 
 import pytest
@@ -21,26 +20,11 @@ from fusedisk.graph.snapshot import take_snapshot
 from fusedisk.spec import parse_spec
 from tests.conftest import needs, write_at
 from tests.test_quorum_mount import SEED_TREE
+from tests.test_snapshot import SPEC, qemu_img
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180), needs("qemu-img")]
 
 MiB = 1 << 20
-
-SPEC = """
-[nodes.d0]
-driver = "qcow2"
-filename = "images/d0.qcow2"
-
-[disks.vm0]
-node = "d0"
-"""
-
-
-def qemu_img(*args: str) -> str:
-    result = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    assert result.returncode == 0, f"qemu-img {' '.join(args)}:\n{result.stdout}{result.stderr}"
-    return result.stdout
-
 
 def read_all(path) -> bytes:
     with open(path, "rb") as f:
