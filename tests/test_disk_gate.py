@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
+from fusedisk.errors import OutOfRange, ReadOnly
 from fusedisk.graph.disk import Disk, is_zero
 from fusedisk.spec import DiskSpec
 from tests.memory_node import MemoryNode
@@ -73,3 +75,21 @@ async def test_drain_tells_every_node_so_held_requests_can_be_released():
     async with disk.drained():
         assert seen == ["begin"]
     assert seen == ["begin", "end"]
+
+
+async def test_write_zeroes_and_block_status_go_through_the_gate_with_bounds():
+    node = MemoryNode(1 << 16)
+    disk = Disk(DiskSpec("vm0", "mem"), node)
+    await disk.write(0, b"x" * 8192)
+    await disk.write_zeroes(0, 4096, unmap=True)
+    assert await disk.read(0, 4096) == bytes(4096)
+    assert ("write_zeroes", 0, 4096) in node.requests
+    assert disk.stats.write_zeroes_ops == 1
+    extents = await disk.block_status(60000, 1 << 20)  # clipped to the disk
+    assert sum(e.length for e in extents) == (1 << 16) - 60000
+    assert await disk.block_status(1 << 16, 10) == []
+    with pytest.raises(OutOfRange):
+        await disk.write_zeroes((1 << 16) - 10, 20, unmap=False)
+    ro = Disk(DiskSpec("vm1", "mem", read_only=True), MemoryNode(4096))
+    with pytest.raises(ReadOnly):
+        await ro.discard(0, 4096)

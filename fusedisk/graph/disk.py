@@ -19,6 +19,7 @@ import trio
 
 from fusedisk.errors import ControlError, OutOfRange, ReadOnly
 from fusedisk.graph.edge import Edge
+from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import Node, Role, walk
 from fusedisk.graph.stats import IoStats
 from fusedisk.spec import DiskSpec
@@ -161,16 +162,69 @@ class Disk:
         self.stats.flush_ops += 1
         self.stats.flush_ns += perf_counter_ns() - t0
 
-    async def discard(self, offset: int, length: int) -> None:
+    def _check_writable(self, offset: int, length: int) -> None:
         if self.spec.read_only:
             raise ReadOnly(f"disk '{self.name}' is read-only")
+        if offset < 0 or length < 0 or offset + length > self.root.node.size:
+            raise OutOfRange(
+                f"disk '{self.name}': request at {offset}+{length} is past its end "
+                f"({self.root.node.size})"
+            )
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory: the range may read back as before or as zeroes (TRIM, NBD_CMD_TRIM)."""
+        self._check_writable(offset, length)
         await self._enter()
+        t0 = perf_counter_ns()
         try:
             await self.root.discard(offset, length)
+        except Exception:
+            self.stats.discard_errors += 1
+            raise
         finally:
             self._leave()
         self.stats.discard_ops += 1
         self.stats.discard_bytes += length
+        self.stats.discard_ns += perf_counter_ns() - t0
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """The range reads as zeroes afterwards; `unmap` lets nodes free the space.
+
+        What fallocate(PUNCH_HOLE) and NBD_CMD_WRITE_ZEROES promise, unlike discard.
+        """
+        self._check_writable(offset, length)
+        await self._enter()
+        t0 = perf_counter_ns()
+        try:
+            await self.root.write_zeroes(offset, length, unmap)
+        except Exception:
+            self.stats.write_zeroes_errors += 1
+            raise
+        finally:
+            self._leave()
+        self.stats.write_zeroes_ops += 1
+        self.stats.write_zeroes_bytes += length
+        self.stats.write_zeroes_ns += perf_counter_ns() - t0
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """What the range holds, clipped to the disk (SEEK_DATA/SEEK_HOLE, NBD block status)."""
+        size = self.root.node.size
+        if offset >= size or length <= 0:
+            return []
+        length = min(length, size - offset)
+        await self._enter()
+        t0 = perf_counter_ns()
+        try:
+            extents = await self.root.block_status(offset, length)
+        except Exception:
+            self.stats.block_status_errors += 1
+            raise
+        finally:
+            self._leave()
+        self.stats.block_status_ops += 1
+        self.stats.block_status_bytes += length
+        self.stats.block_status_ns += perf_counter_ns() - t0
+        return extents
 
     async def resize(self, size: int) -> None:
         """truncate(2) on `<disk>.img`: the same size is a no-op, growing needs `growable`."""
