@@ -109,14 +109,14 @@ def run(args: argparse.Namespace) -> int:
     spec = prepare(folder)
     mount_args = argparse.Namespace(
         spec=str(spec), mountpoint=str(mnt), foreground=False, allow_other=False,
-        log_file=str(folder / "fusedisk.log"), debug=False,
+        transport="kernel", log_file=str(folder / "fusedisk.log"), debug=False,
     )  # fmt: skip
     status = mount_command.run(mount_args)
     if status != 0:
         return status
     print(
         f"""fusedisk demo mounted at {mnt}
-spec: {spec}   log: {folder / 'fusedisk.log'}
+spec: {spec}   log: {folder / "fusedisk.log"}
 
 vm0.img is throttle -> luks -> quorum -> 3 x qcow2; scratch.img is a raw image.
 

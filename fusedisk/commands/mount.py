@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from fusedisk.errors import FuseDiskError, SpecError
-from fusedisk.fuse.serve import serve
+from fusedisk.fuse.serve import TRANSPORTS, serve
 from fusedisk.spec import load_spec
 
 log = logging.getLogger("fusedisk")
@@ -34,11 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("spec", help="the TOML spec file")
     p.add_argument("mountpoint", help="an existing, empty directory")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay attached, log to stderr")
+    p.add_argument("--allow-other", action="store_true", help="let users other than the mounter in")
     p.add_argument(
-        "-f", "--foreground", action="store_true", help="stay attached, log to stderr"
-    )
-    p.add_argument(
-        "--allow-other", action="store_true", help="let users other than the mounter in"
+        "--transport",
+        choices=TRANSPORTS,
+        default="kernel",
+        help="kernel: fusedisk speaks the FUSE protocol itself (default; discard, holes); "
+        "pyfuse3: through libfuse",
     )
     p.add_argument("--log-file", help="append the log to this file (default: syslog)")
     p.add_argument("--debug", action="store_true", help="log debug messages")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.foreground:
         _setup_logging(args, to_stderr=True)
-        trio.run(serve, spec, mountpoint, args.allow_other)
+        trio.run(serve, spec, mountpoint, args.allow_other, lambda: None, args.transport)
         return 0
 
     read_end, write_end = os.pipe()
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         _detach_stdio()
 
     try:
-        trio.run(serve, spec, mountpoint, args.allow_other, ready)
+        trio.run(serve, spec, mountpoint, args.allow_other, ready, args.transport)
     except FuseDiskError as e:
         log.error("%s", e)
         _report(write_end, f"fusedisk: {e}")

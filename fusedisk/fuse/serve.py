@@ -1,8 +1,11 @@
 """Run a mount: open the graph, mount, serve until unmounted or signalled, close.
 
 The order matters for durability: after the FUSE session ends (fusermount3 -u,
-SIGTERM or SIGINT), every disk is flushed and every node closed before the
-process exits, so what a writer saw written is on the host files.
+umount, SIGTERM, SIGINT or SIGHUP), every disk is flushed and every node closed
+before the process exits, so what a writer saw written is on the host files.
+
+Two transports serve the same `MountFilesystem`: `kernel` (the default) speaks
+the FUSE protocol on /dev/fuse itself; `pyfuse3` goes through libfuse.
 """
 
 from __future__ import annotations
@@ -13,31 +16,22 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import pyfuse3
 import trio
 
-from fusedisk.fuse.connection import raise_background_limit
-from fusedisk.fuse.ops import DiskOperations
+from fusedisk.fuse.filesystem import MountFilesystem
+from fusedisk.fuse.kernel import mounting
+from fusedisk.fuse.kernel.session import KernelSession
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import Spec
 
 log = logging.getLogger("fusedisk")
 
+TRANSPORTS = ("kernel", "pyfuse3")
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-
-
-def mount_options(spec: Spec, allow_other: bool) -> set[str]:
-    options = {
-        f"fsname=fusedisk:{spec.path.name}",
-        "subtype=fusedisk",
-        "default_permissions",
-        "auto_unmount",  # a helper unmounts if the daemon dies: no stale mount
-    }
-    if allow_other:
-        options.add("allow_other")
-    return options
 
 
 def tune_malloc() -> None:
@@ -56,12 +50,43 @@ def tune_malloc() -> None:
         log.info("mallopt is not available; large buffers stay mmap'd")
 
 
-async def _stop_on_signals() -> None:
+async def stop_on_signals(stop: Callable[[], None]) -> None:
+    """Call `stop` at the first SIGTERM, SIGINT or SIGHUP (systemctl stop, Ctrl-C)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            stop()
             return
+
+
+async def serve_kernel(
+    fs: MountFilesystem,
+    mountpoint: Path,
+    fsname: str,
+    allow_other: bool,
+    ready: Callable[[], None],
+    on_stop: Callable[[Callable[[], None]], Any],
+) -> None:
+    """Mount through mount(2) or fusermount3 and serve /dev/fuse ourselves."""
+    kmount = mounting.mount(mountpoint, fsname, "fusedisk", allow_other)
+    device = mounting.mounted_device(mountpoint)
+    try:
+        session = KernelSession(fs, kmount.fd)
+        session.negotiate()
+        ready()
+
+        def stop() -> None:
+            session.stop()
+            kmount.unmount()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_stop, stop)
+            await session.serve()
+            nursery.cancel_scope.cancel()
+    finally:
+        if device is not None and mounting.mounted_device(mountpoint) == device:
+            kmount.unmount()
+        kmount.close()
 
 
 async def serve(
@@ -69,23 +94,25 @@ async def serve(
     mountpoint: Path,
     allow_other: bool = False,
     ready: Callable[[], None] = lambda: None,
+    transport: str = "kernel",
 ) -> None:
     """Open `spec`'s graph and serve it at `mountpoint` until unmounted."""
     tune_malloc()
     graph = await Graph.open(spec)
     try:
-        ops = DiskOperations(graph)
-        pyfuse3.init(ops, str(mountpoint), mount_options(spec, allow_other))
-        try:
-            raise_background_limit(mountpoint)
-            log.info("mounted %s at %s", spec.path, mountpoint)
+        fs = MountFilesystem(graph)
+        fsname = f"fusedisk:{spec.path.name}"
+
+        def mounted() -> None:
+            log.info("mounted %s at %s (transport %s)", spec.path, mountpoint, transport)
             ready()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signals)
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
+
+        if transport == "pyfuse3":
+            from fusedisk.fuse.pyfuse3_transport import serve_pyfuse3
+
+            await serve_pyfuse3(fs, mountpoint, fsname, allow_other, mounted, stop_on_signals)
+        else:
+            await serve_kernel(fs, mountpoint, fsname, allow_other, mounted, stop_on_signals)
     finally:
         await graph.close()
         log.info("unmounted %s; all disks flushed and closed", mountpoint)

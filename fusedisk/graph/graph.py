@@ -157,9 +157,7 @@ class Graph:
             if not edge.node.parents:
                 await self.remove_node(edge.node)
 
-    def shared(
-        self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]
-    ) -> Any:
+    def shared(self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]) -> Any:
         """The object for `[section.name]` of the spec, made once by `factory`.
 
         Raises KeyError if the spec has no such entry; the spec has already

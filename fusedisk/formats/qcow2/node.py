@@ -187,6 +187,8 @@ class Qcow2Node(Node):
             regions.append(("snapshot table", h.snapshots_offset, snap_len))
         check_overlaps(self.where, regions, cs)
         self._meta: set[int] = set()
+        #: clusters whose refcount reached 0, to hand back to the host file after a flush
+        self._freed: list[int] = []
         for _, off, length in regions:
             self._meta.update(range(off // cs, (off + length - 1) // cs + 1))
         for s in self.snapshots:
@@ -259,6 +261,7 @@ class Qcow2Node(Node):
         self._meta_array = None
 
     def _cluster_freed(self, cluster: int) -> None:
+        self._freed.append(cluster)
         if cluster in self._meta:
             self._meta.discard(cluster)
             self._meta_array = None
@@ -716,6 +719,32 @@ class Qcow2Node(Node):
             await refs.apply_frees()
             await refs.write_blocks()
             await io.sync()
+        await self._discard_freed()
+
+    async def _discard_freed(self) -> None:
+        """Give freed clusters' space back to the host file, as QEMU's pass-discard-request.
+
+        Only after the tables and refcounts that stopped using them are on stable
+        storage; a cluster allocated again since is left alone.
+        """
+        freed, self._freed = sorted(set(self._freed)), []
+        if not freed or self.h.has_data_file:
+            return
+        cb = self.cluster_bits
+        run_start = prev = -2
+        runs: list[tuple[int, int]] = []
+        for c in freed:
+            if await self.refs.get(c) != 0:
+                continue
+            if c != prev + 1:
+                if run_start >= 0:
+                    runs.append((run_start, prev + 1))
+                run_start = c
+            prev = c
+        if run_start >= 0:
+            runs.append((run_start, prev + 1))
+        for first, stop in runs:
+            await self.file.discard(first << cb, (stop - first) << cb)
 
     async def flush(self) -> None:
         if self.read_only:

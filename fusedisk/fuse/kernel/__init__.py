@@ -1,0 +1,1 @@
+"""Our own FUSE transport: the kernel protocol on /dev/fuse, mounting, the watchdog."""
