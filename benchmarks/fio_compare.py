@@ -41,6 +41,30 @@ JOBS: dict[str, dict[str, str]] = {
 }
 
 
+def serving_process(path: Path) -> int | None:
+    """The pid of the FUSE daemon serving `path`: it holds /dev/fuse and names the mount."""
+    folder = str(path.parent if path.name.endswith(".img") else path)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if folder not in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            if any(os.readlink(fd) == "/dev/fuse" for fd in (entry / "fd").iterdir()):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time the process has used (0 without a daemon)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_fio(path: Path, job: dict[str, str], runtime: int, size: int) -> dict[str, float]:
     cmd = [
         "fio", "--name=bench", f"--filename={path}", "--ioengine=libaio", "--direct=1",
@@ -48,10 +72,15 @@ def run_fio(path: Path, job: dict[str, str], runtime: int, size: int) -> dict[st
         f"--size={size}", f"--runtime={runtime}", "--ramp_time=1", "--time_based",
         "--output-format=json", "--randrepeat=0", "--norandommap",
     ]  # fmt: skip
+    daemon = serving_process(path)
+    cpu_before = cpu_seconds(daemon)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(daemon) - cpu_before
     result = json.loads(out[out.index("{") :])["jobs"][0]
     side = result["read"] if "read" in job["rw"] else result["write"]
-    return {"MB/s": side["bw_bytes"] / 1e6, "IOPS": side["iops"]}
+    # the CPU time covers fio's ramp second too: count its requests at the measured rate
+    ios = max(side["iops"] * (runtime + 1), 1)
+    return {"MB/s": side["bw_bytes"] / 1e6, "IOPS": side["iops"], "cpu_us": cpu / ios * 1e6}
 
 
 KEY = "benchmark-passphrase"
@@ -88,11 +117,11 @@ def host_file(image: Path, fmt: str, work: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def mounted_spec(work: Path, text: str) -> Iterator[Path]:
+def mounted_spec(work: Path, text: str, args: tuple[str, ...] = ()) -> Iterator[Path]:
     """Mount a spec's text with fusedisk; yields the path of its disk vm0."""
     spec = work / "bench.toml"
     spec.write_text(text)
-    mount = Mount(spec, work / "mnt").start()
+    mount = Mount(spec, work / "mnt", args).start()
     try:
         yield mount.path("vm0.img")
     finally:
@@ -100,14 +129,18 @@ def mounted_spec(work: Path, text: str) -> Iterator[Path]:
 
 
 @contextmanager
-def fusedisk_mount(image: Path, fmt: str, work: Path) -> Iterator[Path]:
+def fusedisk_mount(image: Path, fmt: str, work: Path, args: tuple[str, ...] = ()) -> Iterator[Path]:
     child = f'filename = "{image}"'
     if fmt == "luks":
         child = f'file = {{ driver = "file", filename = "{image}" }}\nkey-file = "{work / "key"}"'
     with mounted_spec(
-        work, f'[nodes.d0]\ndriver = "{fmt}"\n{child}\n[disks.vm0]\nnode = "d0"\n'
+        work, f'[nodes.d0]\ndriver = "{fmt}"\n{child}\n[disks.vm0]\nnode = "d0"\n', args
     ) as path:
         yield path
+
+
+def fusedisk_pyfuse3(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
+    return fusedisk_mount(image, fmt, work, ("--transport", "pyfuse3"))
 
 
 @contextmanager
@@ -143,6 +176,7 @@ TARGETS: dict[str, Callable[[Path, str, Path], AbstractContextManager[Path]]] = 
     "host file": host_file,
     "qemu-storage-daemon": qsd_export,
     "fusedisk": fusedisk_mount,
+    "fusedisk-pyfuse3": fusedisk_pyfuse3,
 }
 
 
@@ -164,6 +198,13 @@ def print_table(
         if numerator in results and denominator in results:
             ratio = f"{results[numerator][job][unit] / results[denominator][job][unit]:.2f}"
         print(f"| {job} | " + " | ".join(cells) + f" | {ratio} |")
+    print("\nDaemon CPU per request (µs, user + system, fio's ramp included):\n")
+    print("| job | " + " | ".join(targets) + " |")
+    print("|" + "---|" * (len(targets) + 1))
+    for job in jobs:
+        cells = [f"{results[t][job].get('cpu_us', 0):.1f}" if results[t][job].get("cpu_us")
+                 else "–" for t in targets]  # fmt: skip
+        print(f"| {job} | " + " | ".join(cells) + " |")
 
 
 def machine() -> str:
