@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -126,3 +127,39 @@ def test_fsync_is_never_answered_with_enosys(tmp_path, write_spec, mount) -> Non
     finally:
         os.close(fd)
     assert json.loads(m.path("vm0", "stats").read_text())["flush"]["ops"] >= 1
+
+
+MOUNT_WITH_FUSERMOUNT = """
+import sys, time
+from pathlib import Path
+from fusedisk.fuse.kernel import mounting
+m = mounting._mount_with_fusermount(Path(sys.argv[1]), "fusedisk:t", "fusedisk", False)
+print(m.fd, flush=True)
+time.sleep(60)
+"""
+
+
+@needs("fusermount3")
+def test_fusermount3_passes_the_descriptor_and_unmounts_after_a_crash(tmp_path) -> None:
+    """The path taken without root: fusermount3 mounts, hands /dev/fuse back, and with
+    auto_unmount removes the mount when the daemon dies (tried as root here)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MOUNT_WITH_FUSERMOUNT, str(mnt)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert int(proc.stdout.readline()) > 2  # a descriptor came back
+        assert is_mounted(mnt)
+        table = run("findmnt", "-n", "-o", "FSTYPE", mnt)
+        assert table.strip() == "fuse.fusedisk"
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while is_mounted(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_mounted(mnt):
+        subprocess.run(["fusermount3", "-uz", mnt])
+        pytest.fail("fusermount3's auto_unmount left the mount behind")
