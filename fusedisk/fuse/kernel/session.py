@@ -128,7 +128,7 @@ class KernelSession:
                 try:
                     n = os.readv(self.fd, [self.buffer])
                 except BlockingIOError:
-                    break
+                    break  # wait_readable lets the requests just started run
                 except InterruptedError:
                     continue
                 except OSError as e:
@@ -145,7 +145,8 @@ class KernelSession:
                     return
                 self.requests += 1
                 self._dispatch(view, n, requests)
-            await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint()  # a full batch: let the others run first
 
     def _dispatch(self, view: memoryview, n: int, requests: trio.Nursery) -> None:
         try:
