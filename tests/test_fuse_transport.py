@@ -42,6 +42,10 @@ def test_disk_and_control_files_on_each_transport(tmp_path, write_spec, mount, n
     with pytest.raises(OSError) as e:
         m.path("vm0", "snapshot").write_text("bad name/with slash\n")
     assert m.path("last-error").read_text()  # the reason is readable
+    run("dd", "if=/dev/zero", f"of={m.path('vm0.img')}", "bs=4k", "count=1")  # O_TRUNC: ignored
+    assert os.path.getsize(m.path("vm0.img")) == 16 * MiB
+    with pytest.raises(OSError):
+        os.truncate(m.path("vm0.img"), 0)  # a real truncate is refused
     table = run("findmnt", "-n", "-o", "FSTYPE,SOURCE", m.mountpoint)
     assert table.split() == ["fuse.fusedisk", "fusedisk:spec.toml"]
     m.stop()

@@ -52,6 +52,7 @@ class Op(IntEnum):
 
 # INIT flags (fuse_init_in.flags / fuse_init_out.flags; flags2 holds bits 32..63)
 ASYNC_READ = 1 << 0
+ATOMIC_O_TRUNC = 1 << 3
 BIG_WRITES = 1 << 5
 ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18

@@ -40,7 +40,11 @@ BATCH = 64
 #: how long requests in flight may finish after the session was told to stop
 STOP_GRACE = 10.0
 
-WANTED_FLAGS = p.ASYNC_READ | p.BIG_WRITES | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.MAX_PAGES
+#: ATOMIC_O_TRUNC: O_TRUNC comes with OPEN (and is ignored there, as a block device
+#: does) instead of as a truncate to 0, which a disk would refuse
+WANTED_FLAGS = (
+    p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.MAX_PAGES
+)
 
 
 class ProtocolError(FuseDiskError):
