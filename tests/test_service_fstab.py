@@ -151,6 +151,25 @@ def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
+@needs("systemd-analyze")
+def test_unit_files_pass_systemd_analyze(tmp_path: Path) -> None:
+    """systemd's own checker, which works without systemd running: syntax, ordering cycles."""
+    import fusedisk.service
+
+    folder = Path(fusedisk.service.__file__).parent / "systemd"
+    unit = (folder / "fusedisk@.service").read_text()
+    # systemd resolves a bare `fusedisk` in /usr/local/bin...; this machine has it in the venv
+    (tmp_path / "fusedisk@vm.service").write_text(
+        unit.replace("ExecStart=fusedisk ", f"ExecStart={FUSEDISK} ")
+    )
+    (tmp_path / "mnt-disks.mount").write_text((folder / "mnt-disks.mount").read_text())
+    units = [tmp_path / "fusedisk@vm.service", tmp_path / "mnt-disks.mount"]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
 def test_unit_files_are_shipped() -> None:
     import fusedisk.service
 
