@@ -250,9 +250,9 @@ def _families(text: str) -> dict[str, list]:
     return out
 
 
-def _value(samples: list, name: str, **labels: str) -> float:
-    found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
-    assert len(found) == 1, (name, labels, found)
+def _value(samples: list, metric: str, /, **labels: str) -> float:
+    found = [s.value for s in samples if s.name == metric and labels.items() <= s.labels.items()]
+    assert len(found) == 1, (metric, labels, found)
     return found[0]
 
 
@@ -306,9 +306,10 @@ def test_metrics_file_parses_as_prometheus_text(setup: Setup) -> None:
                   disk="vm1", state="running") == 1  # fmt: skip
     assert _value(families["fusedisk_driver_quorum_losses"], "fusedisk_driver_quorum_losses",
                   node="q") == 0  # fmt: skip
-    assert "fusedisk_shared_requests" in families or any(
-        name.startswith("fusedisk_shared_") for name in families
-    )  # the throttle group's counters
+    shared = families["fusedisk_shared_requests"]  # the throttle groups' counters
+    assert _value(shared, "fusedisk_shared_requests", section="throttle-groups", name="g") >= 2
+    assert _value(shared, "fusedisk_shared_requests", section="throttle-groups",
+                  name="children") >= 1  # fmt: skip
 
 
 def test_top_reports_rates_as_plain_text(setup: Setup) -> None:
@@ -381,6 +382,47 @@ def test_job_wait_follows_a_commit_to_its_end(setup: Setup) -> None:
     assert "running" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("commit") and ": done 100.0%" in lines[-1], lines[-1]
     assert setup.job()["state"] == "done"
+
+
+def _on_a_terminal(*args: object, timeout: float = 60) -> tuple[int, str]:
+    """Run `fusedisk ARGS` with a pseudo-terminal as stdout: its exit status and output."""
+    import pty
+
+    main_fd, tty = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusedisk", *map(str, args)],
+        stdout=tty, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "120"},
+    )  # fmt: skip
+    os.close(tty)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(main_fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        status = proc.wait(timeout=timeout)
+    finally:
+        os.close(main_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return status, b"".join(chunks).decode(errors="replace")
+
+
+def test_terminal_modes_draw_a_table_and_a_progress_bar(setup: Setup) -> None:
+    status, out = _on_a_terminal("top", "-n", "2", "-i", "0.3", setup.main.mountpoint)
+    assert status == 0, out
+    assert "fusedisk top" in out and "r_ms" in out and "d0.file (file)" in out
+    assert "\x1b[" in out  # redrawn in place
+    scrub = setup.start_scrub()
+    setup.children_limit("0")
+    status, out = _on_a_terminal("job", "--wait", "-i", "0.1", scrub)
+    assert status == 0, out
+    assert "scrub: done 100.0%" in out and "━" in out  # the bar, then the final line
 
 
 def test_job_exits_non_zero_when_the_job_failed(setup: Setup) -> None:
