@@ -36,19 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _commands() -> set[str]:
-    return {info.name for info in pkgutil.iter_modules(fusedisk.commands.__path__)}
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    """The sub-command names (and aliases) the parser knows."""
+    return {
+        name
+        for action in parser._subparsers._group_actions  # type: ignore[union-attr]
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in _commands():
+    parser = build_parser()
+    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in _commands(parser):
         try:  # the mount.fuse3 form: `fusedisk SPEC MOUNTPOINT -o OPTS`
             argv = helper_argv(argv)
         except FuseDiskError as e:
             print(f"fusedisk: {e}", file=sys.stderr)
             return 2
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except FuseDiskError as e:
