@@ -106,6 +106,10 @@ error-writes = true
 driver = "qcow2"
 filename = "d2.qcow2"
 
+[nodes.spare]
+driver = "qcow2"
+filename = "spare.qcow2"
+
 [nodes.b1]
 driver = "qcow2"
 filename = "vm1/base1.qcow2"
@@ -177,8 +181,8 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path, mount: Callable[..., Mount]) -> Iterator[Setup]:
-    for i in range(3):
-        run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / f"d{i}.qcow2", "32M")
+    for name in ("d0", "d1", "d2", "spare"):
+        run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / f"{name}.qcow2", "32M")
     (tmp_path / "key").write_bytes(b"seed tree passphrase")
     # Preallocated: the commit overwrites clusters in place, the served file never grows.
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=falloc",
@@ -461,6 +465,23 @@ def test_job_follows_a_quorum_scrub(setup: Setup) -> None:
     lines = out.splitlines()
     assert lines[0].startswith("scrub: running") and "ETA" in lines[0]
     assert lines[-1].startswith("scrub: done 100.0%")
+
+
+def test_a_replace_followed_to_its_end_heals_the_quorum(setup: Setup) -> None:
+    replace = setup.main.path("vm0", "nodes", "q", "replace")
+    replace.write_text("children.2 spare\n")  # the failed child, for the spec's spare
+    result = setup.fusedisk("job", "--wait", "-i", "0.1", replace)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].startswith("replace: done 100.0%")
+    doc = json.loads(setup.fusedisk("status", "--json", setup.main.mountpoint).stdout)
+    vm0 = doc["disks"]["vm0"]
+    assert vm0["nodes"]["q"]["children"]["children.2"] == "spare"
+    assert vm0["health"]["q"]["state"] == "healthy"
+    assert vm0["health"]["q"]["children"]["children.2"]["state"] == "healthy"
+    assert vm0["tasks"]["q/replace"]["state"] == "done"
+    text = setup.fusedisk("status", setup.main.mountpoint).stdout
+    assert "q (quorum) healthy, 3 of 3 children in service" in text, text
+    assert "children.2: spare (qcow2) healthy" in text, text
 
 
 def test_not_a_mount_is_a_clear_error(tmp_path: Path) -> None:
