@@ -142,10 +142,8 @@ def _json_controls(node: Node) -> Iterator[tuple[str, dict[str, Any]]]:
     for name, control in node.controls().items():
         try:
             doc = json.loads(control.read())
-        except (ValueError, TypeError):
-            continue  # not JSON (a luks header dump, fault rules): nothing to count
-        except Exception:
-            continue  # a control that cannot be read now does not break the metrics
+        except Exception:  # not JSON (a luks header dump), or not readable now: skipped,
+            continue  # a driver's control never breaks the metrics file
         if isinstance(doc, dict):
             yield name, doc
 
