@@ -3,11 +3,13 @@
 image and the host file itself, in one run on one machine.
 
     .venv/bin/python benchmarks/fio_compare.py [--size 512M] [--runtime 5] [--dir DIR]
-        [--format raw] [--jobs seq-read,rand-read-qd16,...] [--json OUT]
+        [--format raw] [--jobs seq-read,rand-read-qd16,...] [--cold] [--json OUT]
 
 Prints a table of MB/s and IOPS per job and target, and the ratio
-fusedisk / qemu-storage-daemon.  Run as root on an otherwise idle machine; results
-belong in docs/benchmarks.md with the machine they ran on.
+fusedisk / qemu-storage-daemon.  `--cold` drops the host page cache before each
+job, so reads come from the device.  `--json` results feed benchmarks/charts.py.
+Run as root on an otherwise idle machine; results belong in docs/benchmarks.md
+with the machine they ran on.
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def run_fio(path: Path, job: dict[str, str], runtime: int, size: int) -> dict[st
     # the CPU time covers fio's ramp second too: count its requests at the measured rate
     ios = max(side["iops"] * (runtime + 1), 1)
     return {"MB/s": side["bw_bytes"] / 1e6, "IOPS": side["iops"], "cpu_us": cpu / ios * 1e6}
+
+
+def drop_caches() -> None:
+    """Write back and drop the host page cache (root): the next reads reach the device."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 KEY = "benchmark-passphrase"
@@ -233,7 +241,10 @@ def main() -> int:
     parser.add_argument("--jobs", default=",".join(JOBS))
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--dir", help="work folder (default: a temporary one)")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results here (benchmarks/charts.py)")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the host page cache before each job"
+    )
     args = parser.parse_args()
     if not shutil.which("fio"):
         raise SystemExit("fio is not installed")
@@ -257,6 +268,8 @@ def main() -> int:
             results[target] = {}
             with TARGETS[target](image, args.format, work) as path:
                 for job in jobs:
+                    if args.cold:
+                        drop_caches()
                     results[target][job] = run_fio(path, JOBS[job], args.runtime, size)
                     print(f"{target:>20} {job:<20} {results[target][job]}", file=sys.stderr)
     finally:
@@ -267,7 +280,9 @@ def main() -> int:
     print(f"Image: {args.format}, {args.size}; fio libaio direct=1, {args.runtime} s per job\n")
     print_table(results, jobs, "fusedisk", "qemu-storage-daemon", "fusedisk / qsd")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+        cache = "cold" if args.cold else "warm"
+        doc = {"machine": machine(), "format": args.format, "cache": cache, "results": results}
+        Path(args.json).write_text(json.dumps(doc, indent=2))
     return 0
 
 

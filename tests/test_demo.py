@@ -22,7 +22,7 @@ def test_demo_mounts_usable_disks_and_says_how_to_unmount(tmp_path):
         assert result.returncode == 0, result.stderr
         assert f"fusermount3 -u {mnt}" in result.stdout
         assert sorted(os.listdir(mnt)) == [
-            "last-error", "scratch", "scratch.img", "throttle-groups", "vm0", "vm0.img"
+            "last-error", "metrics", "scratch", "scratch.img", "throttle-groups", "vm0", "vm0.img"
         ]  # fmt: skip
         assert os.readlink(mnt / "vm0" / "nodes" / "crypt" / "children" / "file") == "../../q"
         with open(mnt / "vm0.img", "r+b") as f:

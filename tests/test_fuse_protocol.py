@@ -176,7 +176,7 @@ async def test_directories_list_with_offsets(tmp_path) -> None:
                 _ino, offset, namelen, _type = p.DIRENT.unpack_from(out, pos)
                 names.append(out[pos + 24 : pos + 24 + namelen].decode())
                 pos += (24 + namelen + 7) // 8 * 8
-        assert names == ["last-error", "vm0", "vm0.img"]
+        assert names == ["last-error", "metrics", "vm0", "vm0.img"]
         with pytest.raises(OSError) as e:
             await lookup(c, "nothing-here")
         assert e.value.errno == errno.ENOENT

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     spec = prepare(folder)
     mount_args = argparse.Namespace(
-        spec=str(spec), mountpoint=str(mnt), foreground=False, allow_other=False,
+        spec=str(spec), mountpoint=str(mnt), foreground=False, allow_other=False, read_only=False,
         transport="kernel", log_file=str(folder / "fusedisk.log"), debug=False,
     )  # fmt: skip
     status = mount_command.run(mount_args)

@@ -9,17 +9,20 @@ terminal with a non-zero exit, and nothing is mounted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import logging.handlers
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from fusedisk.errors import FuseDiskError, SpecError
 from fusedisk.fuse.serve import TRANSPORTS, serve
-from fusedisk.spec import load_spec
+from fusedisk.service.notify import Notifier
+from fusedisk.spec import Spec, load_spec
 
 log = logging.getLogger("fusedisk")
 
@@ -42,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="kernel",
         help="kernel: fusedisk speaks the FUSE protocol itself (default; discard, holes); "
         "pyfuse3: through libfuse",
+    )
+    p.add_argument(
+        "--read-only", action="store_true", help="every disk read-only, every image opened so"
     )
     p.add_argument("--log-file", help="append the log to this file (default: syslog)")
     p.add_argument("--debug", action="store_true", help="log debug messages")
@@ -72,15 +78,32 @@ def _detach_stdio() -> None:
     os.close(null)
 
 
+def _read_only(spec: Spec) -> Spec:
+    """`--read-only` (`-o ro` in fstab): every disk refuses writes, every node opens read-only."""
+    return dataclasses.replace(
+        spec,
+        disks={n: dataclasses.replace(d, read_only=True) for n, d in spec.disks.items()},
+        nodes={
+            n: dataclasses.replace(node, options={**node.options, "read-only": True})
+            for n, node in spec.nodes.items()
+        },
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
+    if args.read_only:
+        spec = _read_only(spec)
     mountpoint = Path(args.mountpoint)
     if not mountpoint.is_dir():
         raise SpecError(f"mount point '{mountpoint}' is not a directory")
+    systemd = Notifier.from_environment()  # sd_notify, when a Type=notify unit runs us
 
     if args.foreground:
         _setup_logging(args, to_stderr=True)
-        trio.run(serve, spec, mountpoint, args.allow_other, lambda: None, args.transport)
+        on_ready = partial(systemd.ready, mountpoint)
+        trio.run(serve, spec, mountpoint, args.allow_other, on_ready, args.transport)
+        systemd.stopping()
         return 0
 
     read_end, write_end = os.pipe()
@@ -104,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         os.write(write_end, b"ok")
         os.close(write_end)
         _detach_stdio()
+        systemd.ready(mountpoint)
 
     try:
         trio.run(serve, spec, mountpoint, args.allow_other, ready, args.transport)
@@ -115,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         log.exception("the daemon failed")
         _report(write_end, f"fusedisk: {e}")
         os._exit(1)
+    systemd.stopping()
     os._exit(0)
 
 

@@ -6,6 +6,7 @@ It knows nodes only through the Node API (options, controls, stats, edges) and
 nothing of pyfuse3; `ops.py` adapts it to FUSE.
 
     <disk>.img                  the disk
+    metrics                     every counter, Prometheus text format (fusedisk/metrics.py)
     <disk>/root                 -> nodes/<top>
     <disk>/stats                disk counters (JSON)
     <disk>/snapshot             take a snapshot / list them (docs/snapshots.md)
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from fusedisk import metrics
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.jobs import revert, start_commit, start_stream
@@ -111,6 +113,7 @@ class ControlTree:
         for section in sections:
             out[section] = DirEntry(partial(self.section_dir, section))
         out["last-error"] = FileEntry(lambda: self.last_error)
+        out["metrics"] = FileEntry(lambda: metrics.render(self.graph))
         return out
 
     def disk_dir(self, disk: Disk) -> dict[str, Entry]:
