@@ -173,6 +173,10 @@ class _Parser:
         raise self.fail(where, f"expected a node name or an inline table, got {value!r}")
 
 
+#: files the mount shows at its root beside the disks (docs/mount.md)
+MOUNT_ROOT_FILES = ("last-error", "metrics")
+
+
 def _check_name(parser: _Parser, where: str, name: str) -> None:
     if not _NAME_RE.match(name):
         raise parser.fail(where, "a name may hold letters, digits and _ . + - only")
@@ -237,6 +241,9 @@ def parse_spec(text: str, path: Path) -> Spec:
     for name, table in doc["disks"].items():
         where = f"disk '{name}'"
         _check_name(parser, where, name)
+        taken = {*MOUNT_ROOT_FILES, *sections} & {name, name.removesuffix(".img")}
+        if taken:
+            raise parser.fail(where, f"the name is taken at the mount's root by '{taken.pop()}'")
         if not isinstance(table, dict):
             raise parser.fail(where, "expected a table of options")
         values = parser.parse_options(where, table, DISK_OPTIONS)

@@ -177,3 +177,10 @@ def test_an_empty_optional_child_means_none(tmp_path):
     with pytest.raises(SpecError, match="no node named ''"):
         parse_spec('[nodes.d0]\ndriver = "raw"\nfile = ""\n[disks.vm0]\nnode = "d0"\n',
                    tmp_path / "spec.toml")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["metrics", "last-error", "throttle-groups"])
+def test_a_disk_cannot_hide_a_file_of_the_mount_root(tmp_path, name) -> None:
+    text = f'[nodes.d0]\ndriver = "raw"\nfilename = "d0.img"\n\n[disks.{name}]\nnode = "d0"\n'
+    with pytest.raises(SpecError, match=f"disk '{name}'.*taken at the mount's root"):
+        parse_spec(text, tmp_path / "spec.toml")
