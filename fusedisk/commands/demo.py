@@ -100,6 +100,13 @@ def prepare(folder: Path) -> Path:
     return spec
 
 
+def _mount_args(spec: Path, mnt: Path, log_file: Path) -> argparse.Namespace:
+    """`fusedisk mount`'s own parser and defaults, so a new mount option needs nothing here."""
+    parser = argparse.ArgumentParser()
+    mount_command.register(parser.add_subparsers())
+    return parser.parse_args(["mount", "--log-file", str(log_file), str(spec), str(mnt)])
+
+
 def run(args: argparse.Namespace) -> int:
     folder = Path(args.dir).absolute()
     mnt = folder / "mnt"
@@ -107,11 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"the demo is already mounted at {mnt}; unmount it with: fusermount3 -u {mnt}")
         return 1
     spec = prepare(folder)
-    mount_args = argparse.Namespace(
-        spec=str(spec), mountpoint=str(mnt), foreground=False, allow_other=False, read_only=False,
-        transport="kernel", log_file=str(folder / "fusedisk.log"), debug=False,
-    )  # fmt: skip
-    status = mount_command.run(mount_args)
+    status = mount_command.run(_mount_args(spec, mnt, folder / "fusedisk.log"))
     if status != 0:
         return status
     print(
