@@ -94,6 +94,21 @@ def _section_options() -> dict[str, Mapping[str, Option]]:
     return sections
 
 
+def _flatten_options(table: Mapping[str, Any], specs: Mapping[str, Option]) -> dict[str, Any]:
+    """QEMU's dotted option names: TOML reads `cache.direct = true` (and `cache =
+    { direct = true }`) as a nested table; an option named `cache.direct` takes it."""
+    flat: dict[str, Any] = {}
+    for key, raw in table.items():
+        if isinstance(raw, dict) and key not in specs:
+            for sub, value in _flatten_options(
+                {f"{key}.{k}": v for k, v in raw.items()}, specs
+            ).items():
+                flat[sub] = value
+        else:
+            flat[key] = raw
+    return flat
+
+
 class _Parser:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -106,7 +121,7 @@ class _Parser:
         self, where: str, table: Mapping[str, Any], specs: Mapping[str, Option]
     ) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        for key, raw in table.items():
+        for key, raw in _flatten_options(table, specs).items():
             spec = specs.get(key)
             if spec is None:
                 known = ", ".join(sorted(specs)) or "none"

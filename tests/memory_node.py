@@ -3,6 +3,7 @@ and the disk gate without files, and to stack drivers on."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import trio
 
 from fusedisk.graph.extents import Extent, Status
 from fusedisk.graph.node import Node
+from fusedisk.graph.options import Option, option_table
 
 
 class Context:
@@ -72,3 +74,23 @@ class MemoryNode(Node):
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return [Extent(offset, length, Status.DATA | Status.ALLOCATED)]
+
+
+class MemoryDriver(MemoryNode):
+    """MemoryNode as a spec driver (`driver = "memory"`, option `size`), for tests on
+    trio's mock clock: its requests never leave the event loop, while the `file`
+    driver's wait in worker threads, which the mock clock's autojump cannot see.
+    Register it per test with `monkeypatch.setitem(drivers(), "memory", MemoryDriver)`."""
+
+    driver = "memory"
+    option_specs = option_table(Option("size", "size", 4 << 20, "the size in bytes"))
+
+    def __init__(
+        self, name: str, options: Mapping[str, Any], children: Mapping[str, Any], context: Any
+    ) -> None:
+        Node.__init__(self, name, options, children, context)
+        self.size = int(self.options["size"])
+        self.buf = bytearray(self.size)
+        self.requests = []
+        self.flushes = 0
+        self.gate = None

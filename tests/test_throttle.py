@@ -20,8 +20,10 @@ from fusedisk.errors import ControlError, OpenError, SpecError
 from fusedisk.filters.throttle import ThrottleGroup, ThrottleNode
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
+from fusedisk.graph.registry import drivers
 from fusedisk.spec import parse_spec
 from tests.conftest import make_image, needs
+from tests.memory_node import MemoryDriver
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,11 +31,17 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 
+@pytest.fixture(autouse=True)
+def memory_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(drivers(), "memory", MemoryDriver)
+
+
 def disk_spec(n: int, limits: str = "", group: str | None = None, groups: str = "") -> str:
-    """`n` disks vm0..vm{n-1}, each a throttle node t{i} over a file d{i}.img."""
+    """`n` disks vm0..vm{n-1}, each a throttle node t{i} over a memory node f{i}: its
+    requests never leave the event loop, so the mock clock's times are exact."""
     text = groups
     for i in range(n):
-        text += f'\n[nodes.f{i}]\ndriver = "file"\nfilename = "d{i}.img"\n'
+        text += f'\n[nodes.f{i}]\ndriver = "memory"\n'
         text += f'[nodes.t{i}]\ndriver = "throttle"\nfile = "f{i}"\n'
         text += f'throttle-group = "{group}"\n' if group else limits + "\n"
         text += f'[disks.vm{i}]\nnode = "t{i}"\n'

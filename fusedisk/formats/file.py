@@ -1,10 +1,15 @@
 """Driver `file`: a host file or block device, the leaf of every tree.
 
-Reads and writes are done inline with os.pread/os.pwrite: a page-cache hit
-costs about a microsecond, while handing each request to a thread costs
-~260 µs (../shared/platform.md), which made a passthrough 2-5x slower.  Only
-fdatasync, which waits for the device, goes to a worker thread, and it is
+Every request that can wait for the device goes through a HostFile
+(hostio.py): page-cache hits are answered inline (RWF_NOWAIT), everything
+else runs in the file's own worker pool, so a slow or hung host file stalls
+only its own requests, never the event loop or another disk.  fdatasync is
 skipped when nothing was written since the last one (as QEMU does).
+
+Options follow QEMU's file driver: `cache.direct` opens with O_DIRECT (the
+alignment it needs is discovered and becomes the node's request_alignment,
+so the edges above pad requests), `cache.no-flush` makes flush a no-op, and
+`aio` names the engine.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import Any
 
 import trio
 
@@ -20,10 +26,8 @@ from fusedisk.formats.hostio import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
-    fallocate,
-    pread_full,
-    pwrite_full,
-    write_zero_bytes,
+    HostFile,
+    direct_io_alignment,
 )
 from fusedisk.graph.extents import Extent, Status
 from fusedisk.graph.node import GraphOp, Node
@@ -31,18 +35,69 @@ from fusedisk.graph.options import REQUIRED, Option, option_table
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
 
+#: the engines `aio` may name: the measured best first (docs/design-notes.md)
+AIO_ENGINES = ("threads",)
+
+
+def _extents(fd: int, offset: int, length: int) -> list[Extent] | None:
+    """Data and holes of `fd` in a range by lseek(SEEK_DATA/SEEK_HOLE); None if unsupported.
+
+    Runs on a worker: lseek reads the file's extent map, which may wait for the device.
+    """
+    data_status = Status.DATA | Status.ALLOCATED
+    end = offset + length
+    out: list[Extent] = []
+    pos = offset
+    while pos < end:
+        try:
+            data_at = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                return None
+            data_at = end
+        if data_at > pos:
+            stop = min(data_at, end)
+            out.append(Extent(pos, stop - pos, Status.ZERO | Status.ALLOCATED))
+            pos = stop
+            continue
+        hole_at = os.lseek(fd, pos, os.SEEK_HOLE)
+        stop = min(hole_at, end)
+        out.append(Extent(pos, stop - pos, data_status))
+        pos = stop
+    return out
+
 
 class FileNode(Node):
     driver = "file"
     summary = "a host file or block device"
     option_specs = option_table(
         Option("filename", "path", REQUIRED, "path of the host file or block device"),
+        Option(
+            "cache.direct",
+            "bool",
+            False,
+            "open with O_DIRECT: bypass the host page cache (QEMU's cache=none)",
+        ),
+        Option(
+            "cache.no-flush",
+            "bool",
+            False,
+            "ignore flushes: no fdatasync ever (fast, unsafe on a host crash)",
+        ),
+        Option(
+            "aio",
+            "str",
+            AIO_ENGINES[0],
+            "how blocking host I/O leaves the event loop: threads (a batched worker pool)",
+            choices=AIO_ENGINES,
+        ),
     )
     graph_op = GraphOp.TARGET
     grows_on_write = True
 
     fd = -1
     is_block_device = False
+    host: HostFile | None = None
     _write_gen = 0
     _flushed_gen = 0
 
@@ -50,16 +105,40 @@ class FileNode(Node):
     def path(self) -> str:
         return str(self.options["filename"])
 
+    @property
+    def io(self) -> HostFile:
+        if self.host is None:
+            raise NotSupported(f"node '{self.name}' is closed")
+        return self.host
+
     async def open(self) -> None:
         await super().open()
         self._flush_limiter = trio.CapacityLimiter(1)
+        direct = bool(self.options.get("cache.direct"))
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.path, flags)
+            self.fd = os.open(self.path, flags | (os.O_DIRECT if direct else 0))
         except OSError as e:
+            hint = (
+                " (the file system refuses O_DIRECT: set cache.direct = false)"
+                if (direct and e.errno == errno.EINVAL)
+                else ""
+            )
             raise OpenError(
-                f"node '{self.name}': option 'filename': cannot open '{self.path}': {e.strerror}"
+                f"node '{self.name}': option 'filename': cannot open '{self.path}': "
+                f"{e.strerror}{hint}"
             ) from None
+        try:
+            self._check_kind()
+            if direct:
+                self._discover_alignment()
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+        self.host = HostFile(self.fd, f"file:{self.name}", direct=direct)
+
+    def _check_kind(self) -> None:
         st = os.fstat(self.fd)
         if stat.S_ISBLK(st.st_mode):
             self.is_block_device = True
@@ -67,97 +146,94 @@ class FileNode(Node):
         elif stat.S_ISREG(st.st_mode):
             self.size = st.st_size
         else:
-            os.close(self.fd)
-            self.fd = -1
             raise OpenError(
                 f"node '{self.name}': option 'filename': '{self.path}' is neither a regular "
                 "file nor a block device"
             )
 
+    def _discover_alignment(self) -> None:
+        try:
+            self.request_alignment = direct_io_alignment(self.fd)
+        except OSError as e:
+            raise OpenError(
+                f"node '{self.name}': option 'cache.direct': O_DIRECT reads of "
+                f"'{self.path}' fail: {e.strerror}"
+            ) from None
+
     async def close(self) -> None:
+        if self.host is not None:
+            self.host.close()
+            self.host = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     async def read(self, offset: int, length: int) -> bytes:
-        return pread_full(self.fd, length, offset)
+        return await self.io.read(offset, length)
 
     async def write(self, offset: int, data: bytes) -> None:
         self._write_gen += 1
-        pwrite_full(self.fd, data, offset)
+        await self.io.write(offset, data)
         if offset + len(data) > self.size:
             self.size = offset + len(data)
 
     async def flush(self) -> None:
         gen = self._write_gen
-        if gen == self._flushed_gen:
+        if gen == self._flushed_gen or self.options.get("cache.no-flush"):
             return
         # One fdatasync at a time: a flush queued behind a running one still
         # syncs, because that one may have started before its writes landed.
         async with self._flush_limiter:
             if gen <= self._flushed_gen:
                 return
-            await trio.to_thread.run_sync(os.fdatasync, self.fd)
+            await self.io.fdatasync()
             self._flushed_gen = max(self._flushed_gen, gen)
 
-    def _grow_to(self, end: int) -> None:
+    async def _grow_to(self, end: int) -> None:
         if end > self.size:
             if self.is_block_device:
                 raise NotSupported(f"node '{self.name}': cannot grow a block device")
-            os.ftruncate(self.fd, end)
-            self.size = end
+            await self.io.ftruncate(end)
+            self.size = max(self.size, end)
 
     async def discard(self, offset: int, length: int) -> None:
         self._write_gen += 1
         try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            await self.io.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
             if e.errno not in _UNSUPPORTED:
                 raise
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         self._write_gen += 1
-        self._grow_to(offset + length)
+        await self._grow_to(offset + length)
         modes = [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
         if unmap:
             modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
         for mode in modes:
             try:
-                fallocate(self.fd, mode, offset, length)
+                await self.io.fallocate(mode, offset, length)
                 return
             except OSError as e:
                 if e.errno not in _UNSUPPORTED:
                     raise
-        write_zero_bytes(self.fd, offset, length)
+        await self.io.write_zero_bytes(offset, length)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        data_status = Status.DATA | Status.ALLOCATED
-        if self.is_block_device:
-            return [Extent(offset, length, data_status)]
-        end = offset + length
-        out: list[Extent] = []
-        pos = offset
-        while pos < end:
-            try:
-                data_at = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    return [Extent(offset, length, data_status)]
-                data_at = end
-            if data_at > pos:
-                stop = min(data_at, end)
-                out.append(Extent(pos, stop - pos, Status.ZERO | Status.ALLOCATED))
-                pos = stop
-                continue
-            hole_at = os.lseek(self.fd, pos, os.SEEK_HOLE)
-            stop = min(hole_at, end)
-            out.append(Extent(pos, stop - pos, data_status))
-            pos = stop
-        return out
+        extents = None
+        if not self.is_block_device:
+            extents = await self.io.call(_extents, offset, length, read_only=True)
+        return extents or [Extent(offset, length, Status.DATA | Status.ALLOCATED)]
 
     async def truncate(self, size: int) -> None:
         if self.is_block_device:
             raise NotSupported(f"node '{self.name}': a block device cannot be resized")
         self._write_gen += 1
-        os.ftruncate(self.fd, size)
+        await self.io.ftruncate(size)
         self.size = size
+
+    def driver_stats(self) -> dict[str, Any]:
+        return {
+            "request_alignment": self.request_alignment,
+            **(self.host.statistics() if self.host is not None else {}),
+        }

@@ -118,7 +118,12 @@ class Edge:
         node = self.node
         if offset < 0 or length < 0:
             raise OutOfRange(f"node '{node.name}': negative offset or length")
-        if offset + length > node.size and not (writing and node.grows_on_write):
+        # Padding to the alignment may reach into the last partial block past the
+        # end (QEMU reads it too: a file reads zeroes there, and an O_DIRECT file
+        # whose size is not aligned needs it).
+        align = node.request_alignment
+        end = -(-node.size // align) * align if align > 1 else node.size
+        if offset + length > end and not (writing and node.grows_on_write):
             raise OutOfRange(
                 f"node '{node.name}': request {offset}+{length} is past its end ({node.size})"
             )

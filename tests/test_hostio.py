@@ -1,0 +1,151 @@
+"""Host I/O: page-cache hits inline, everything else in the pool; O_DIRECT; file options."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fusedisk.errors import SpecError
+from fusedisk.formats.file import FileNode
+from fusedisk.formats.hostio import HostFile, direct_io_alignment
+from fusedisk.graph.graph import Graph
+from fusedisk.spec import parse_spec
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+DATA = os.urandom(4 * MiB)
+
+
+def image(tmp_path, data: bytes = DATA):
+    path = tmp_path / "d0.img"
+    path.write_bytes(data)
+    return path
+
+
+def evict(path) -> None:
+    """Drop one file's pages from the page cache (no global drop_caches in tests)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def test_cached_reads_are_inline_and_cold_ones_go_to_the_pool(tmp_path):
+    path = image(tmp_path)
+    fd = os.open(path, os.O_RDWR)
+    host = HostFile(fd, "t")
+    try:
+        assert await host.read(0, 4096) == DATA[:4096]
+        if not host.statistics()["nowait_reads"]:
+            pytest.skip("this file system has no RWF_NOWAIT reads")
+        assert host.inline_reads == 1
+        evict(path)
+        assert await host.read(2 * MiB, 65536) == DATA[2 * MiB : 2 * MiB + 65536]
+        assert host.pool.calls == 1  # EAGAIN: the read waited in a worker
+        assert await host.read(4 * MiB - 10, 20) == DATA[-10:] + bytes(10)  # past the end
+    finally:
+        host.close()
+        os.close(fd)
+
+
+async def test_writes_flush_and_fallocate_through_the_engine(tmp_path):
+    path = image(tmp_path)
+    fd = os.open(path, os.O_RDWR)
+    host = HostFile(fd, "t")
+    try:
+        await host.write(4096, b"w" * 8192)
+        await host.fdatasync()
+        await host.ftruncate(8 * MiB)
+        await host.write_zero_bytes(0, 4096)
+        assert await host.read(0, 3 * 4096) == bytes(4096) + b"w" * 8192
+        assert os.fstat(fd).st_size == 8 * MiB
+    finally:
+        host.close()
+        os.close(fd)
+
+
+async def open_graph(tmp_path, file_options: str) -> Graph:
+    text = f"""
+[nodes.d0]
+driver = "raw"
+file = {{ driver = "file", filename = "d0.img", {file_options} }}
+
+[disks.vm0]
+node = "d0"
+"""
+    return await Graph.open(parse_spec(text, tmp_path / "spec.toml"))
+
+
+async def test_cache_direct_discovers_the_alignment_and_pads_unaligned_requests(tmp_path):
+    path = image(tmp_path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        align = direct_io_alignment(fd)
+    finally:
+        os.close(fd)
+    graph = await open_graph(tmp_path, "cache.direct = true")
+    try:
+        node = graph.nodes["d0.file"]
+        assert isinstance(node, FileNode)
+        assert node.request_alignment == align >= 512
+        with open(f"/proc/self/fdinfo/{node.fd}") as f:
+            flags = int(f.read().split("flags:")[1].split()[0], 8)
+        assert flags & os.O_DIRECT
+        disk = graph.disks["vm0"]
+        assert await disk.read(1000, 5000) == DATA[1000:6000]
+        await disk.write(MiB + 3, b"abc")
+        await disk.flush()
+        expected = bytearray(DATA)
+        expected[MiB + 3 : MiB + 6] = b"abc"
+        assert await disk.read(MiB - 7, 20) == bytes(expected[MiB - 7 : MiB + 13])
+        assert node.driver_stats()["inline_reads"] == 0  # O_DIRECT always waits for the device
+    finally:
+        await graph.close()
+    assert path.read_bytes() == bytes(expected)
+
+
+async def test_cache_no_flush_skips_fdatasync(tmp_path):
+    image(tmp_path)
+    graph = await open_graph(tmp_path, '"cache.no-flush" = true, aio = "threads"')
+    try:
+        disk = graph.disks["vm0"]
+        await disk.write(0, b"x" * 4096)
+        await disk.flush()
+        node = graph.nodes["d0.file"]
+        assert isinstance(node, FileNode)
+        assert node.host is not None and node.host.pool.calls == 1  # the write, no fdatasync
+    finally:
+        await graph.close()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ('aio = "native"', "option 'aio': expected one of 'threads'"),
+        ('cache = { direct = "maybe" }', "option 'cache.direct': expected true or false"),
+        ("cache = { writeback = true }", "unknown option 'cache.writeback'"),
+    ],
+)
+async def test_bad_file_options_are_refused_by_name(tmp_path, options, message):
+    image(tmp_path)
+    with pytest.raises(SpecError, match=message):
+        await open_graph(tmp_path, options)
+
+
+async def test_cache_direct_on_a_file_of_unaligned_size_reads_and_writes_its_tail(tmp_path):
+    tail = os.urandom(8192 + 1000)
+    path = image(tmp_path, tail)
+    graph = await open_graph(tmp_path, "cache.direct = true")
+    try:
+        disk = graph.disks["vm0"]
+        assert await disk.read(9000, 1000) == tail[9000:]  # short at the end, like a file
+        await disk.write(9100, b"z" * 10)
+        assert await disk.read(9090, 30) == tail[9090:9100] + b"z" * 10 + tail[9110:9120]
+    finally:
+        await graph.close()
+    # the last partial block was written whole: the file grew to the alignment
+    assert path.read_bytes()[: len(tail)] == tail[:9100] + b"z" * 10 + tail[9110:]
