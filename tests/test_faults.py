@@ -7,13 +7,17 @@ import json
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from fusedisk.errors import ControlError, IOFailure, OpenError, to_errno
 from fusedisk.filters.faults import FaultsNode, parse_errno
 from fusedisk.graph.graph import Graph
+from fusedisk.graph.registry import drivers
 from fusedisk.spec import parse_spec
+from tests.memory_node import MemoryDriver
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -291,3 +295,64 @@ def test_injected_errors_reach_the_reader_and_rules_change_at_run_time(tmp_path,
     with pytest.raises(OSError) as info:
         (node / "rules").write_text("nonsense\n")
     assert info.value.errno == errno.EINVAL
+
+
+async def open_delayed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rule: str) -> Graph:
+    """faults over a memory node: on the mock clock, a delay is exact."""
+    monkeypatch.setitem(drivers(), "memory", MemoryDriver)
+    text = f'[nodes.m]\ndriver = "memory"\n[nodes.flt]\ndriver = "faults"\nfile = "m"\n{rule}\n'
+    return await Graph.open(parse_spec(text + '[disks.vm0]\nnode = "flt"\n', tmp_path / "s.toml"))
+
+
+async def test_delay_holds_ruled_requests_and_only_those(tmp_path, monkeypatch, autojump_clock):
+    graph = await open_delayed(
+        tmp_path, monkeypatch, "delay-reads = true\ndelay = 2000\nrange-length = 4096"
+    )
+    disk = graph.disks["vm0"]
+    finished: dict[str, float] = {}
+
+    async def timed(name: str, op: Any) -> None:
+        await op
+        finished[name] = trio.current_time()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timed, "ruled read", disk.read(0, 512))
+        nursery.start_soon(timed, "read elsewhere", disk.read(8192, 512))
+        nursery.start_soon(timed, "write", disk.write(0, b"w" * 512))
+        nursery.start_soon(timed, "flush", disk.flush())
+    assert finished["ruled read"] - start == pytest.approx(2.0)
+    for name in ("read elsewhere", "write", "flush"):
+        assert finished[name] == start
+    stats = graph.nodes["flt"].driver_stats()
+    assert stats["requests_delayed"] == 1
+    await graph.close()
+
+
+async def test_delay_then_error_and_the_counters_apply(tmp_path, monkeypatch, autojump_clock):
+    rule = "delay-writes = true\ndelay = 500\nerror-writes = true\nafter = 1\nmax-errors = 1"
+    graph = await open_delayed(tmp_path, monkeypatch, rule)
+    disk = graph.disks["vm0"]
+    start = trio.current_time()
+    await disk.write(0, b"a" * 512)  # `after`: passes at once
+    assert trio.current_time() == start
+    with pytest.raises(IOFailure, match="injected EIO on write"):
+        await disk.write(0, b"b" * 512)
+    assert trio.current_time() - start == pytest.approx(0.5)
+    await disk.write(0, b"c" * 512)  # max-errors reached: neither delayed nor failed
+    assert trio.current_time() - start == pytest.approx(0.5)
+    node = graph.nodes["flt"]
+    assert isinstance(node, FaultsNode)
+    await node.controls()["rules"].write("clear delay-flushes=true delay=250")
+    await disk.flush()
+    assert trio.current_time() - start == pytest.approx(0.75)
+    assert "delay = 250" in node.controls()["rules"].read()
+    await graph.close()
+
+
+async def test_a_delayed_request_is_cancelled_like_any_wait(tmp_path, monkeypatch, autojump_clock):
+    graph = await open_delayed(tmp_path, monkeypatch, "delay-reads = true\ndelay = 60000")
+    with trio.move_on_after(1) as scope:
+        await graph.disks["vm0"].read(0, 512)
+    assert scope.cancelled_caught
+    await graph.close()

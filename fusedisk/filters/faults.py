@@ -1,4 +1,4 @@
-"""Driver `faults`: inject I/O errors, corrupt reads and drop writes -- a testing tool.
+"""Driver `faults`: inject I/O errors, corrupt reads, drop or delay requests -- a testing tool.
 
 In the spirit of QEMU's blkdebug, nbdkit's error filter and device-mapper's
 flakey/error targets: put it anywhere in a tree to see how the layers above
@@ -12,14 +12,19 @@ control file each), all changeable at run time:
                      error-zeroes: fail them with `errno` (default EIO);
                      corrupt-reads: flip one bit per 512-byte sector of what a read returns;
                      drop-writes: report writes (and discard, write-zeroes) as done
-                     without doing them
+                     without doing them;
+                     delay-reads / delay-writes (and discard, write-zeroes) /
+                     delay-flushes: hold them `delay` milliseconds first (a slow
+                     device, like nbdkit's delay filter), then go on as ruled
     where            range-start, range-length (0: to the end); flush has no range
     when             after: the first N requests the rule applies to pass;
                      probability: then each one fails with this chance (seeded by
                      `seed`, for reproducible runs); max-errors: stop after this many
 
 A request the rule applies to is one of an enabled kind that overlaps the
-range.  Errors take precedence over corruption and dropping.  Changing any
+range.  A delay comes first; then errors take precedence over corruption and
+dropping.  A delayed request waits in trio (trio.sleep), so it holds no
+other request and is cancelled like any wait.  Changing any
 rule option (through `options/<name>` or the `rules` control file) starts the
 rule afresh: its `after` and `max-errors` counters restart from zero.
 """
@@ -30,6 +35,8 @@ import errno as _errno
 import os
 import random
 from typing import Any
+
+import trio
 
 from fusedisk.errors import ControlError, IOFailure, OpenError
 from fusedisk.graph.node import Control, Filter
@@ -79,7 +86,33 @@ RULE_OPTIONS = option_table(
         runtime=True,
     ),
     Option("seed", "int", None, "seed of the random choices (default: random)", runtime=True),
+    Option("delay-reads", "bool", False, "hold reads the rule applies to", runtime=True),
+    Option(
+        "delay-writes",
+        "bool",
+        False,
+        "hold writes, discards and write-zeroes the rule applies to",
+        runtime=True,
+    ),
+    Option("delay-flushes", "bool", False, "hold flushes", runtime=True),
+    Option(
+        "delay",
+        "float",
+        0.0,
+        "how long a delayed request is held, in milliseconds",
+        minimum=0,
+        runtime=True,
+    ),
 )
+
+#: which delay option holds which kind of request
+_DELAYS = {
+    "read": "delay-reads",
+    "write": "delay-writes",
+    "discard": "delay-writes",
+    "write_zeroes": "delay-writes",
+    "flush": "delay-flushes",
+}
 
 
 def parse_errno(value: Any) -> int:
@@ -114,6 +147,7 @@ class FaultsNode(Filter):
         self.errors_injected = 0
         self.reads_corrupted = 0
         self.writes_dropped = 0
+        self.requests_delayed = 0
 
     @staticmethod
     def _seed(value: Any) -> int:
@@ -133,7 +167,7 @@ class FaultsNode(Filter):
             "discard": o("error-discards") or o("drop-writes"),
             "write_zeroes": o("error-zeroes") or o("drop-writes"),
         }[kind]
-        if not enabled:
+        if not enabled and not o(_DELAYS[kind]):
             return False
         if kind == "flush":
             return True
@@ -159,6 +193,16 @@ class FaultsNode(Filter):
         if probability < 1.0 and self._rng.random() >= probability:
             return False
         self._injected += 1
+        return True
+
+    async def _fires_after_delay(self, kind: str, offset: int = 0, length: int = 0) -> bool:
+        """`_fires`, and if it does and the rule delays this kind, hold the request first."""
+        if not self._fires(kind, offset, length):
+            return False
+        delay = float(self._opt("delay"))
+        if delay > 0 and self._opt(_DELAYS[kind]):
+            self.requests_delayed += 1
+            await trio.sleep(delay / 1000)
         return True
 
     def _fail(self, kind: str, offset: int, length: int) -> IOFailure:
@@ -196,17 +240,20 @@ class FaultsNode(Filter):
     # -- requests ------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        if not self._fires("read", offset, length):
+        if not await self._fires_after_delay("read", offset, length):
             return await self.filtered.read(offset, length)
         if self._opt("error-reads"):
             raise self._fail("read", offset, length)
-        return self._corrupt(offset, await self.filtered.read(offset, length))
+        data = await self.filtered.read(offset, length)
+        return self._corrupt(offset, data) if self._opt("corrupt-reads") else data
 
     async def write(self, offset: int, data: bytes) -> None:
-        if not self._fires("write", offset, len(data)):
+        if not await self._fires_after_delay("write", offset, len(data)):
             await self.filtered.write(offset, data)
         elif self._opt("error-writes"):
             raise self._fail("write", offset, len(data))
+        elif not self._opt("drop-writes"):
+            await self.filtered.write(offset, data)
         else:
 
             async def part(off: int, n: int) -> None:
@@ -215,23 +262,27 @@ class FaultsNode(Filter):
             await self._write_outside(offset, len(data), part)
 
     async def flush(self) -> None:
-        if self._fires("flush"):
+        if await self._fires_after_delay("flush") and self._opt("error-flushes"):
             raise self._fail("flush", 0, 0)
         await self.filtered.flush()
 
     async def discard(self, offset: int, length: int) -> None:
-        if not self._fires("discard", offset, length):
+        if not await self._fires_after_delay("discard", offset, length):
             await self.filtered.discard(offset, length)
         elif self._opt("error-discards"):
             raise self._fail("discard", offset, length)
+        elif not self._opt("drop-writes"):
+            await self.filtered.discard(offset, length)
         else:
             await self._write_outside(offset, length, self.filtered.discard)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        if not self._fires("write_zeroes", offset, length):
+        if not await self._fires_after_delay("write_zeroes", offset, length):
             await self.filtered.write_zeroes(offset, length, unmap)
         elif self._opt("error-zeroes"):
             raise self._fail("write_zeroes", offset, length)
+        elif not self._opt("drop-writes"):
+            await self.filtered.write_zeroes(offset, length, unmap)
         else:
 
             async def part(off: int, n: int) -> None:
@@ -302,4 +353,5 @@ class FaultsNode(Filter):
             "errors_injected": getattr(self, "errors_injected", 0),
             "reads_corrupted": getattr(self, "reads_corrupted", 0),
             "writes_dropped": getattr(self, "writes_dropped", 0),
+            "requests_delayed": getattr(self, "requests_delayed", 0),
         }
