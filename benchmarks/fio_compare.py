@@ -5,11 +5,18 @@ image and the host file itself, in one run on one machine.
     .venv/bin/python benchmarks/fio_compare.py [--size 512M] [--runtime 5] [--dir DIR]
         [--format raw] [--jobs seq-read,rand-read-qd16,...] [--cold] [--json OUT]
 
+The device-bound case (caches dropped before each job; both servers with O_DIRECT too):
+
+    .venv/bin/python benchmarks/fio_compare.py --size 4G --cold \
+        --jobs rand-read-4k-qd1,rand-read-4k-qd16 --targets "host file,\
+    qemu-storage-daemon,fusedisk,qemu-storage-daemon cache.direct,fusedisk cache.direct"
+
 Prints a table of MB/s and IOPS per job and target, and the ratio
-fusedisk / qemu-storage-daemon.  `--cold` drops the host page cache before each
-job, so reads come from the device.  `--json` results feed benchmarks/charts.py.
-Run as root on an otherwise idle machine; results belong in docs/benchmarks.md
-with the machine they ran on.
+fusedisk / qemu-storage-daemon (and the same for the cache.direct pair).  `--cold`
+drops the host page cache before each job, so reads come from the device (use an
+image of a few GiB).  `--json` results feed benchmarks/charts.py.  Run as root on
+an otherwise idle machine; results belong in docs/benchmarks.md with the machine
+they ran on.
 """
 
 from __future__ import annotations
@@ -137,10 +144,13 @@ def mounted_spec(work: Path, text: str, args: tuple[str, ...] = ()) -> Iterator[
 
 
 @contextmanager
-def fusedisk_mount(image: Path, fmt: str, work: Path, args: tuple[str, ...] = ()) -> Iterator[Path]:
-    child = f'filename = "{image}"'
+def fusedisk_mount(
+    image: Path, fmt: str, work: Path, args: tuple[str, ...] = (), direct: bool = False
+) -> Iterator[Path]:
+    cache = ", cache.direct = true" if direct else ""
+    child = f'file = {{ driver = "file", filename = "{image}"{cache} }}'
     if fmt == "luks":
-        child = f'file = {{ driver = "file", filename = "{image}" }}\nkey-file = "{work / "key"}"'
+        child += f'\nkey-file = "{work / "key"}"'
     with mounted_spec(
         work, f'[nodes.d0]\ndriver = "{fmt}"\n{child}\n[disks.vm0]\nnode = "d0"\n', args
     ) as path:
@@ -151,8 +161,16 @@ def fusedisk_pyfuse3(image: Path, fmt: str, work: Path) -> AbstractContextManage
     return fusedisk_mount(image, fmt, work, ("--transport", "pyfuse3"))
 
 
+def fusedisk_direct(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
+    return fusedisk_mount(image, fmt, work, direct=True)
+
+
+def qsd_direct(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
+    return qsd_export(image, fmt, work, direct=True)
+
+
 @contextmanager
-def qsd_export(image: Path, fmt: str, work: Path) -> Iterator[Path]:
+def qsd_export(image: Path, fmt: str, work: Path, direct: bool = False) -> Iterator[Path]:
     target = work / "qsd-export"
     target.touch()
     secret = ["--object", f"secret,id=s0,file={work / 'key'}"] if fmt == "luks" else []
@@ -160,7 +178,8 @@ def qsd_export(image: Path, fmt: str, work: Path) -> Iterator[Path]:
     proc = subprocess.Popen(
         [
             "qemu-storage-daemon", *secret,
-            "--blockdev", f"driver=file,node-name=f,filename={image}",
+            "--blockdev", f"driver=file,node-name=f,filename={image}"
+            + (",cache.direct=on" if direct else ""),
             "--blockdev", f"driver={fmt},node-name=d,file=f{key}",
             "--export", f"type=fuse,id=e,node-name=d,mountpoint={target},writable=on",
         ],
@@ -185,7 +204,11 @@ TARGETS: dict[str, Callable[[Path, str, Path], AbstractContextManager[Path]]] = 
     "qemu-storage-daemon": qsd_export,
     "fusedisk": fusedisk_mount,
     "fusedisk-pyfuse3": fusedisk_pyfuse3,
+    # both servers with O_DIRECT on the image (QEMU's cache.direct=on, cache=none)
+    "qemu-storage-daemon cache.direct": qsd_direct,
+    "fusedisk cache.direct": fusedisk_direct,
 }
+DEFAULT_TARGETS = ("host file", "qemu-storage-daemon", "fusedisk", "fusedisk-pyfuse3")
 
 
 def print_table(
@@ -239,7 +262,9 @@ def main() -> int:
         "--fresh", action="store_true", help="qcow2: start from an empty image (allocating writes)"
     )
     parser.add_argument("--jobs", default=",".join(JOBS))
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument(
+        "--targets", default=",".join(DEFAULT_TARGETS), help=f"from: {', '.join(TARGETS)}"
+    )
     parser.add_argument("--dir", help="work folder (default: a temporary one)")
     parser.add_argument("--json", help="also write the results here (benchmarks/charts.py)")
     parser.add_argument(
@@ -256,14 +281,16 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     image = work / f"bench.{args.format}"
     results: dict[str, dict[str, dict[str, float]]] = {}
+    # Read-only jobs leave the image as it was: make it once (4 GiB takes a while).
+    reads_only = all("read" in JOBS[job]["rw"] for job in jobs) and not args.fresh
     try:
         for target in targets:
-            if image.exists():
+            if image.exists() and not reads_only:
                 image.unlink()
             if args.fresh:
                 subprocess.run(["qemu-img", "create", "-q", "-f", args.format, str(image),
                                 str(size)], check=True)  # fmt: skip
-            else:
+            elif not image.exists():
                 make_image(image, size, args.format)
             results[target] = {}
             with TARGETS[target](image, args.format, work) as path:
@@ -279,6 +306,10 @@ def main() -> int:
     print(f"\nMachine: {machine()}")
     print(f"Image: {args.format}, {args.size}; fio libaio direct=1, {args.runtime} s per job\n")
     print_table(results, jobs, "fusedisk", "qemu-storage-daemon", "fusedisk / qsd")
+    direct = ("fusedisk cache.direct", "qemu-storage-daemon cache.direct")
+    if all(t in results for t in direct):
+        print()
+        print_table({t: results[t] for t in direct}, jobs, *direct, "cache.direct: fusedisk / qsd")
     if args.json:
         cache = "cold" if args.cold else "warm"
         doc = {"machine": machine(), "format": args.format, "cache": cache, "results": results}
