@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -34,38 +35,36 @@ def evict(path) -> None:
         os.close(fd)
 
 
-async def test_cached_reads_are_inline_and_cold_ones_go_to_the_pool(tmp_path):
-    path = image(tmp_path)
-    fd = os.open(path, os.O_RDWR)
+@pytest.fixture
+async def host(tmp_path) -> AsyncIterator[HostFile]:
+    """A HostFile on tmp_path/d0.img, which holds DATA."""
+    fd = os.open(image(tmp_path), os.O_RDWR)
     host = HostFile(fd, "t")
     try:
-        assert await host.read(0, 4096) == DATA[:4096]
-        if not host.statistics()["nowait_reads"]:
-            pytest.skip("this file system has no RWF_NOWAIT reads")
-        assert host.inline_reads == 1
-        evict(path)
-        assert await host.read(2 * MiB, 65536) == DATA[2 * MiB : 2 * MiB + 65536]
-        assert host.pool.calls == 1  # EAGAIN: the read waited in a worker
-        assert await host.read(4 * MiB - 10, 20) == DATA[-10:] + bytes(10)  # past the end
+        yield host
     finally:
         host.close()
         os.close(fd)
 
 
-async def test_writes_flush_and_fallocate_through_the_engine(tmp_path):
-    path = image(tmp_path)
-    fd = os.open(path, os.O_RDWR)
-    host = HostFile(fd, "t")
-    try:
-        await host.write(4096, b"w" * 8192)
-        await host.fdatasync()
-        await host.ftruncate(8 * MiB)
-        await host.write_zero_bytes(0, 4096)
-        assert await host.read(0, 3 * 4096) == bytes(4096) + b"w" * 8192
-        assert os.fstat(fd).st_size == 8 * MiB
-    finally:
-        host.close()
-        os.close(fd)
+async def test_cached_reads_are_inline_and_cold_ones_go_to_the_pool(tmp_path, host):
+    assert await host.read(0, 4096) == DATA[:4096]
+    if not host.statistics()["nowait_reads"]:
+        pytest.skip("this file system has no RWF_NOWAIT reads")
+    assert host.inline_reads == 1
+    evict(tmp_path / "d0.img")
+    assert await host.read(2 * MiB, 65536) == DATA[2 * MiB : 2 * MiB + 65536]
+    assert host.pool.calls == 1  # EAGAIN: the read waited in a worker
+    assert await host.read(4 * MiB - 10, 20) == DATA[-10:] + bytes(10)  # past the end
+
+
+async def test_writes_flush_and_fallocate_through_the_engine(host):
+    await host.write(4096, b"w" * 8192)
+    await host.fdatasync()
+    await host.ftruncate(8 * MiB)
+    await host.write_zero_bytes(0, 4096)
+    assert await host.read(0, 3 * 4096) == bytes(4096) + b"w" * 8192
+    assert os.fstat(host.fd).st_size == 8 * MiB
 
 
 async def open_graph(tmp_path, file_options: str) -> Graph:

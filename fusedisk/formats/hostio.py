@@ -210,8 +210,8 @@ class HostFile:
         self.pool = WorkerPool(name, max_workers=workers)
         self._nowait_reads = not direct
         self._nowait_writes = not direct
-        self._scratch = bytearray(FAST_READ_MAX)
-        self._view = memoryview(self._scratch)
+        # where inline reads land before their one copy into bytes; grown on demand
+        self._view = memoryview(bytearray(0))
         self._pread: Callable[[int, int, int], bytes] = direct_pread if direct else pread_full
         self._pwrite: Callable[[int, Buffer, int], None] = direct_pwrite if direct else pwrite_full
         self.inline_reads = 0
@@ -222,6 +222,8 @@ class HostFile:
 
     async def read(self, offset: int, length: int) -> bytes:
         if self._nowait_reads and length <= FAST_READ_MAX:
+            if len(self._view) < length:
+                self._view = memoryview(bytearray(max(length, 64 << 10)))
             view = self._view[:length]
             try:
                 n = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
