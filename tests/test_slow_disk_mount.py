@@ -92,3 +92,61 @@ def test_a_slow_disk_holds_neither_its_neighbour_nor_the_control_files(
     assert float(slow["seconds"]) >= 2.0  # type: ignore[arg-type]
     assert neighbour_done_at < float(slow["done_at"])  # type: ignore[arg-type]
     m.stop()  # unmount works, and the daemon exits
+
+
+SLOW_HOST_SPEC = """
+[nodes.slow]
+driver = "raw"
+filename = "{slow_host_file}"
+
+[nodes.fast]
+driver = "raw"
+filename = "fast.img"
+
+[disks.slow]
+node = "slow"
+
+[disks.fast]
+node = "fast"
+"""
+
+
+def test_a_host_file_that_blocks_in_pread_holds_nothing_else(tmp_path, write_spec, mount):
+    """The host file itself is slow: it lives on a second mount whose reads take 3 s,
+    so the daemon's pread really blocks (in a worker of the host-I/O engine)."""
+    make_image(tmp_path / "slow.img", 4 * MiB, b"slow")
+    fast_data = os.urandom(4 * MiB)
+    (tmp_path / "fast.img").write_bytes(fast_data)
+    backing = mount(write_spec(SPEC, "backing.toml"), "backing")
+    slow_host_file = backing.path("slow.img")
+    m = mount(write_spec(SLOW_HOST_SPEC.format(slow_host_file=slow_host_file)))
+
+    slow: dict[str, float | bytes] = {}
+
+    def read_slow() -> None:
+        with open(m.path("slow.img"), "rb", buffering=0) as f:
+            slow["data"] = os.pread(f.fileno(), 4096, 8192)
+        slow["done_at"] = time.monotonic()
+
+    start = time.monotonic()
+    reader = threading.Thread(target=read_slow)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 20
+        while delayed_so_far(backing) == 0:  # the first daemon's pread is now blocked
+            assert time.monotonic() < deadline, "the slow read never reached the host file"
+            time.sleep(0.02)
+        with open(m.path("fast.img"), "rb", buffering=0) as f:
+            for i in range(100):
+                offset = (i * 7919 % 1024) * 4096
+                assert os.pread(f.fileno(), 4096, offset) == fast_data[offset : offset + 4096]
+        assert m.path("slow", "size").read_text() == f"{4 * MiB}\n"
+        neighbour_done_at = time.monotonic()
+        assert "done_at" not in slow, "the blocked host read returned before the neighbour"
+    finally:
+        reader.join(timeout=30)
+    assert not reader.is_alive()
+    assert slow["data"] == b"slow" * 1024
+    assert float(slow["done_at"]) - start >= 2.0
+    assert neighbour_done_at < float(slow["done_at"])
+    m.stop()
