@@ -49,6 +49,9 @@ def test_raw_on_o_direct_keeps_every_byte(tmp_path, write_spec, mount) -> None:
     m = mount(write_spec(SPEC.format(fmt="raw", image="d0.img")))
     stats = json.loads(m.path("vm0", "nodes", "d0.file", "stats").read_text())
     assert stats["request_alignment"] >= 512
+    options = m.path("vm0", "nodes", "d0.file", "options")
+    assert (options / "cache.direct").read_text() == "true\n"
+    assert (options / "aio").read_text() == "threads\n"
     random_writes(m.path("vm0.img"), model, 100)
     run("dd", f"if={m.path('vm0.img')}", "of=/dev/null", "bs=1M", "iflag=direct")
     stats = json.loads(m.path("vm0", "nodes", "d0.file", "stats").read_text())
