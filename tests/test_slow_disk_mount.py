@@ -1,10 +1,12 @@
 """One slow device stalls nothing else: through the real mount, on each transport.
 
-A `faults` node delays every read of one disk by seconds (a dying disk, a hung
-NFS server, made deterministic); while one such read is held, reads of a
-second disk of the same mount and `cat` of control files must answer, and the
-mount must still unmount afterwards.  Ordering is asserted, not timing: the
-neighbour's 100 reads all finish while the slow read is still held.
+A disk whose every read takes seconds (a dying disk, a hung NFS server) is made
+two ways: a `faults` node that delays its reads (deterministic), and a host
+file that itself lives on a second mount with such delays (the daemon's pread
+really blocks, in the host-I/O engine's worker).  While one such read is held,
+reads of a second disk of the same mount and `cat` of control files must
+answer, and the mount must still unmount afterwards.  Ordering is asserted,
+not timing: the neighbour's 100 reads all finish while the slow read is held.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_image
+from tests.mounting import Mount
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(90)]
 
@@ -43,57 +48,6 @@ node = "slow"
 node = "fast"
 """
 
-
-def delayed_so_far(m) -> int:
-    return int(json.loads(m.path("slow", "nodes", "slow", "stats").read_text())["requests_delayed"])
-
-
-@pytest.mark.parametrize(("name", "args"), TRANSPORTS, ids=[t[0] for t in TRANSPORTS])
-def test_a_slow_disk_holds_neither_its_neighbour_nor_the_control_files(
-    tmp_path, write_spec, mount, name, args
-):
-    make_image(tmp_path / "slow.img", 4 * MiB, b"slow")
-    fast_data = os.urandom(4 * MiB)
-    (tmp_path / "fast.img").write_bytes(fast_data)
-    m = mount(write_spec(SPEC), extra_args=args)
-
-    slow: dict[str, object] = {}
-
-    def read_slow() -> None:
-        start = time.monotonic()
-        with open(m.path("slow.img"), "rb", buffering=0) as f:
-            slow["data"] = os.pread(f.fileno(), 4096, 0)
-        slow["seconds"] = time.monotonic() - start
-        slow["done_at"] = time.monotonic()
-
-    reader = threading.Thread(target=read_slow)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 20
-        while delayed_so_far(m) == 0:  # the daemon now holds the slow read
-            assert time.monotonic() < deadline, "the slow read never reached the daemon"
-            time.sleep(0.02)
-
-        rnd = random.Random(1)
-        with open(m.path("fast.img"), "rb", buffering=0) as f:
-            for _ in range(100):
-                offset = rnd.randrange(4 * MiB // 4096) * 4096
-                assert os.pread(f.fileno(), 4096, offset) == fast_data[offset : offset + 4096]
-        assert m.path("fast", "size").read_text() == f"{4 * MiB}\n"
-        assert "delay = 3000" in m.path("slow", "nodes", "slow", "rules").read_text()
-        stats = json.loads(m.path("fast", "nodes", "fast", "stats").read_text())
-        assert stats["read"]["ops"] >= 100
-        neighbour_done_at = time.monotonic()
-        assert "done_at" not in slow, "the slow read returned before its neighbour's reads"
-    finally:
-        reader.join(timeout=30)
-    assert not reader.is_alive()
-    assert slow["data"] == b"slow" * 1024
-    assert float(slow["seconds"]) >= 2.0  # type: ignore[arg-type]
-    assert neighbour_done_at < float(slow["done_at"])  # type: ignore[arg-type]
-    m.stop()  # unmount works, and the daemon exits
-
-
 SLOW_HOST_SPEC = """
 [nodes.slow]
 driver = "raw"
@@ -111,16 +65,24 @@ node = "fast"
 """
 
 
-def test_a_host_file_that_blocks_in_pread_holds_nothing_else(tmp_path, write_spec, mount):
-    """The host file itself is slow: it lives on a second mount whose reads take 3 s,
-    so the daemon's pread really blocks (in a worker of the host-I/O engine)."""
+def images(tmp_path: Path) -> bytes:
+    """slow.img (the pattern 'slow') and fast.img (random, returned)."""
     make_image(tmp_path / "slow.img", 4 * MiB, b"slow")
     fast_data = os.urandom(4 * MiB)
     (tmp_path / "fast.img").write_bytes(fast_data)
-    backing = mount(write_spec(SPEC, "backing.toml"), "backing")
-    slow_host_file = backing.path("slow.img")
-    m = mount(write_spec(SLOW_HOST_SPEC.format(slow_host_file=slow_host_file)))
+    return fast_data
 
+
+def delayed_so_far(m: Mount) -> int:
+    """How many reads the `faults` node of `m` has held so far."""
+    return int(json.loads(m.path("slow", "nodes", "slow", "stats").read_text())["requests_delayed"])
+
+
+def assert_slow_disk_holds_nothing(
+    m: Mount, fast_data: bytes, slow_read_held: Callable[[], bool], controls: Callable[[], None]
+) -> None:
+    """Read slow.img in a thread; once `slow_read_held()`, 100 reads of fast.img and the
+    `controls` checks must all finish before that read returns (≥ 2 s later)."""
     slow: dict[str, float | bytes] = {}
 
     def read_slow() -> None:
@@ -133,20 +95,50 @@ def test_a_host_file_that_blocks_in_pread_holds_nothing_else(tmp_path, write_spe
     reader.start()
     try:
         deadline = time.monotonic() + 20
-        while delayed_so_far(backing) == 0:  # the first daemon's pread is now blocked
-            assert time.monotonic() < deadline, "the slow read never reached the host file"
+        while not slow_read_held():
+            assert time.monotonic() < deadline, "the slow read never reached the slow device"
             time.sleep(0.02)
+        rnd = random.Random(1)
         with open(m.path("fast.img"), "rb", buffering=0) as f:
-            for i in range(100):
-                offset = (i * 7919 % 1024) * 4096
+            for _ in range(100):
+                offset = rnd.randrange(4 * MiB // 4096) * 4096
                 assert os.pread(f.fileno(), 4096, offset) == fast_data[offset : offset + 4096]
-        assert m.path("slow", "size").read_text() == f"{4 * MiB}\n"
+        assert m.path("fast", "size").read_text() == f"{4 * MiB}\n"
+        stats = json.loads(m.path("fast", "nodes", "fast", "stats").read_text())
+        assert stats["read"]["ops"] >= 100
+        controls()
         neighbour_done_at = time.monotonic()
-        assert "done_at" not in slow, "the blocked host read returned before the neighbour"
+        assert "done_at" not in slow, "the slow read returned before its neighbour's reads"
     finally:
         reader.join(timeout=30)
     assert not reader.is_alive()
     assert slow["data"] == b"slow" * 1024
     assert float(slow["done_at"]) - start >= 2.0
     assert neighbour_done_at < float(slow["done_at"])
-    m.stop()
+    m.stop()  # unmount works, and the daemon exits
+
+
+@pytest.mark.parametrize(("name", "args"), TRANSPORTS, ids=[t[0] for t in TRANSPORTS])
+def test_a_slow_disk_holds_neither_its_neighbour_nor_the_control_files(
+    tmp_path, write_spec, mount, name, args
+):
+    fast_data = images(tmp_path)
+    m = mount(write_spec(SPEC), extra_args=args)
+
+    def controls() -> None:
+        assert "delay = 3000" in m.path("slow", "nodes", "slow", "rules").read_text()
+
+    assert_slow_disk_holds_nothing(m, fast_data, lambda: delayed_so_far(m) > 0, controls)
+
+
+def test_a_host_file_that_blocks_in_pread_holds_nothing_else(tmp_path, write_spec, mount):
+    """The host file itself is slow: it lives on a second mount whose reads take 3 s,
+    so the daemon's pread really blocks (in a worker of the host-I/O engine)."""
+    fast_data = images(tmp_path)
+    backing = mount(write_spec(SPEC, "backing.toml"), "backing")
+    m = mount(write_spec(SLOW_HOST_SPEC.format(slow_host_file=backing.path("slow.img"))))
+
+    def controls() -> None:
+        assert m.path("slow", "size").read_text() == f"{4 * MiB}\n"
+
+    assert_slow_disk_holds_nothing(m, fast_data, lambda: delayed_so_far(backing) > 0, controls)
