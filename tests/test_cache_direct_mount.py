@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 SPEC = """
 [nodes.d0]
 driver = "{fmt}"
-file = {{ driver = "file", filename = "{image}", cache.direct = true }}
+file = {{ driver = "file", filename = "{image}", cache.direct = true, aio = "{aio}" }}
 
 [disks.vm0]
 node = "d0"
@@ -43,28 +43,34 @@ def random_writes(path, model: bytearray, count: int) -> None:
         os.close(fd)
 
 
-def test_raw_on_o_direct_keeps_every_byte(tmp_path, write_spec, mount) -> None:
+AIO = pytest.mark.parametrize("aio", ["threads", "io_uring"])
+
+
+@AIO
+def test_raw_on_o_direct_keeps_every_byte(tmp_path, write_spec, mount, aio) -> None:
     model = bytearray(os.urandom(8 * MiB))
     (tmp_path / "d0.img").write_bytes(model)
-    m = mount(write_spec(SPEC.format(fmt="raw", image="d0.img")))
+    m = mount(write_spec(SPEC.format(fmt="raw", image="d0.img", aio=aio)))
     stats = json.loads(m.path("vm0", "nodes", "d0.file", "stats").read_text())
     assert stats["request_alignment"] >= 512
     options = m.path("vm0", "nodes", "d0.file", "options")
     assert (options / "cache.direct").read_text() == "true\n"
-    assert (options / "aio").read_text() == "threads\n"
+    assert (options / "aio").read_text() == f"{aio}\n"
     random_writes(m.path("vm0.img"), model, 100)
     run("dd", f"if={m.path('vm0.img')}", "of=/dev/null", "bs=1M", "iflag=direct")
     stats = json.loads(m.path("vm0", "nodes", "d0.file", "stats").read_text())
-    assert stats["inline_reads"] == 0 and stats["pool_calls"] > 100
+    assert stats["inline_reads"] == 0
+    assert stats["uring_submitted" if aio == "io_uring" else "pool_calls"] > 100
     m.stop()
     assert (tmp_path / "d0.img").read_bytes() == bytes(model)
 
 
 @needs_qemu
-def test_qcow2_on_o_direct_stays_clean_for_qemu(tmp_path, write_spec, mount) -> None:
+@AIO
+def test_qcow2_on_o_direct_stays_clean_for_qemu(tmp_path, write_spec, mount, aio) -> None:
     image = create(tmp_path / "d0.qcow2", "8M")
     model = bytearray(8 * MiB)
-    m = mount(write_spec(SPEC.format(fmt="qcow2", image=image.name)))
+    m = mount(write_spec(SPEC.format(fmt="qcow2", image=image.name, aio=aio)))
     random_writes(m.path("vm0.img"), model, 100)
     m.stop()
     assert_clean(image)

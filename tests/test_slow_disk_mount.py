@@ -51,7 +51,7 @@ node = "fast"
 SLOW_HOST_SPEC = """
 [nodes.slow]
 driver = "raw"
-filename = "{slow_host_file}"
+file = {{ driver = "file", filename = "{slow_host_file}", aio = "{aio}" }}
 
 [nodes.fast]
 driver = "raw"
@@ -131,12 +131,15 @@ def test_a_slow_disk_holds_neither_its_neighbour_nor_the_control_files(
     assert_slow_disk_holds_nothing(m, fast_data, lambda: delayed_so_far(m) > 0, controls)
 
 
-def test_a_host_file_that_blocks_in_pread_holds_nothing_else(tmp_path, write_spec, mount):
+@pytest.mark.parametrize("aio", ["threads", "io_uring"])
+def test_a_host_file_that_blocks_in_pread_holds_nothing_else(tmp_path, write_spec, mount, aio):
     """The host file itself is slow: it lives on a second mount whose reads take 3 s,
-    so the daemon's pread really blocks (in a worker of the host-I/O engine)."""
+    so the daemon's read really waits (in a worker of the host-I/O engine, or in the
+    kernel for io_uring)."""
     fast_data = images(tmp_path)
     backing = mount(write_spec(SPEC, "backing.toml"), "backing")
-    m = mount(write_spec(SLOW_HOST_SPEC.format(slow_host_file=backing.path("slow.img"))))
+    spec = SLOW_HOST_SPEC.format(slow_host_file=backing.path("slow.img"), aio=aio)
+    m = mount(write_spec(spec))
 
     def controls() -> None:
         assert m.path("slow", "size").read_text() == f"{4 * MiB}\n"

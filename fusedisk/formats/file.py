@@ -36,7 +36,7 @@ from fusedisk.graph.options import REQUIRED, Option, option_table
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
 
 #: the engines `aio` may name: the measured best first (docs/design-notes.md)
-AIO_ENGINES = ("threads",)
+AIO_ENGINES = ("threads", "io_uring")
 
 
 def _extents(fd: int, offset: int, length: int) -> list[Extent] | None:
@@ -136,7 +136,15 @@ class FileNode(Node):
             os.close(self.fd)
             self.fd = -1
             raise
-        self.host = HostFile(self.fd, f"file:{self.name}", direct=direct)
+        aio = str(self.options.get("aio", AIO_ENGINES[0]))
+        try:
+            self.host = HostFile(self.fd, f"file:{self.name}", direct=direct, aio=aio)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = -1
+            raise OpenError(
+                f"node '{self.name}': option 'aio': io_uring cannot be used here: {e.strerror}"
+            ) from None
 
     def _check_kind(self) -> None:
         st = os.fstat(self.fd)

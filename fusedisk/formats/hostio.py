@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from fusedisk.formats.uring import Ring
 from fusedisk.workers import WorkerPool
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -204,10 +205,19 @@ class HostFile:
     pool, which `close` ends.  Must be made inside a trio run.
     """
 
-    def __init__(self, fd: int, name: str, direct: bool = False, workers: int = DEFAULT_WORKERS):
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        direct: bool = False,
+        workers: int = DEFAULT_WORKERS,
+        aio: str = "threads",
+    ):
         self.fd = fd
         self.direct = direct
         self.pool = WorkerPool(name, max_workers=workers)
+        self.ring = Ring() if aio == "io_uring" else None
+        self._free: list[mmap.mmap] = []  # page-aligned buffers for io_uring and O_DIRECT
         self._nowait_reads = not direct
         self._nowait_writes = not direct
         # where inline reads land before their one copy into bytes; grown on demand
@@ -219,6 +229,8 @@ class HostFile:
 
     def close(self) -> None:
         self.pool.close()
+        if self.ring is not None:
+            self.ring.close()
 
     async def read(self, offset: int, length: int) -> bytes:
         if self._nowait_reads and length <= FAST_READ_MAX:
@@ -237,7 +249,9 @@ class HostFile:
             if n == length:
                 self.inline_reads += 1
                 return bytes(view)
-            # EAGAIN, part of it cached, or the end of the file: the worker does it all.
+            # EAGAIN, part of it cached, or the end of the file: the slow path does it all.
+        if self.ring is not None:
+            return await self._ring_read(self.ring, offset, length)
         return await self.pool.run(self._pread, self.fd, length, offset, abandon_on_cancel=True)
 
     async def write(self, offset: int, data: Buffer) -> None:
@@ -257,10 +271,56 @@ class HostFile:
             if n:
                 data = memoryview(data)[n:]
                 offset += n
+        if self.ring is not None:
+            await self._ring_write(self.ring, offset, data)
+            return
         await self.pool.run(self._pwrite, self.fd, data, offset)
 
     async def fdatasync(self) -> None:
+        if self.ring is not None:
+            await self.ring.fdatasync(self.fd)
+            return
         await self.pool.run(os.fdatasync, self.fd)
+
+    # -- io_uring (aio = "io_uring") ------------------------------------------------------
+
+    def _aligned(self, size: int) -> mmap.mmap:
+        """A page-aligned buffer of at least `size` bytes; 1 MiB ones are reused."""
+        if size <= FAST_READ_MAX and self._free:
+            return self._free.pop()
+        return mmap.mmap(-1, max(size, FAST_READ_MAX))
+
+    def _release(self, buf: mmap.mmap) -> None:
+        if len(buf) == FAST_READ_MAX and len(self._free) < 64:
+            self._free.append(buf)
+
+    async def _ring_read(self, ring: Ring, offset: int, length: int) -> bytes:
+        buf = self._aligned(length)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            n = await ring.read_into(self.fd, view[got:length], offset + got)
+            got += n
+            if n == 0 or (self.direct and got % mmap.PAGESIZE):
+                break  # the end of the file
+        data = bytes(view[:got]) + bytes(length - got) if got < length else bytes(view[:length])
+        view.release()
+        self._release(buf)  # not on cancellation: the kernel may still write into it
+        return data
+
+    async def _ring_write(self, ring: Ring, offset: int, data: Buffer) -> None:
+        buf = None
+        if self.direct:
+            buf = self._aligned(len(data))
+            buf[: len(data)] = data
+            data = memoryview(buf)[: len(data)]
+        done = await ring.write(self.fd, data, offset)
+        while done < len(data):  # a short write: the rest
+            done += await ring.write(self.fd, memoryview(data)[done:], offset + done)
+        if buf is not None:
+            if isinstance(data, memoryview):
+                data.release()
+            self._release(buf)
 
     async def fallocate(self, mode: int, offset: int, length: int) -> None:
         await self.pool.run(fallocate, self.fd, mode, offset, length)
@@ -282,4 +342,9 @@ class HostFile:
             "nowait_reads": self._nowait_reads,
             "nowait_writes": self._nowait_writes,
             **{f"pool_{k}": v for k, v in self.pool.statistics().items()},
+            **(
+                {"uring_submitted": self.ring.submitted, "uring_wakeups": self.ring.wakeups}
+                if self.ring is not None
+                else {}
+            ),
         }
