@@ -145,10 +145,16 @@ def mounted_spec(work: Path, text: str, args: tuple[str, ...] = ()) -> Iterator[
 
 @contextmanager
 def fusedisk_mount(
-    image: Path, fmt: str, work: Path, args: tuple[str, ...] = (), direct: bool = False
+    image: Path,
+    fmt: str,
+    work: Path,
+    args: tuple[str, ...] = (),
+    direct: bool = False,
+    aio: str | None = None,
 ) -> Iterator[Path]:
     cache = ", cache.direct = true" if direct else ""
-    child = f'file = {{ driver = "file", filename = "{image}"{cache} }}'
+    engine = f', aio = "{aio}"' if aio else ""  # default: io_uring where available
+    child = f'file = {{ driver = "file", filename = "{image}"{cache}{engine} }}'
     if fmt == "luks":
         child += f'\nkey-file = "{work / "key"}"'
     with mounted_spec(
@@ -163,6 +169,14 @@ def fusedisk_pyfuse3(image: Path, fmt: str, work: Path) -> AbstractContextManage
 
 def fusedisk_direct(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
     return fusedisk_mount(image, fmt, work, direct=True)
+
+
+def fusedisk_threads(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
+    return fusedisk_mount(image, fmt, work, aio="threads")
+
+
+def fusedisk_direct_threads(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
+    return fusedisk_mount(image, fmt, work, direct=True, aio="threads")
 
 
 def qsd_direct(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
@@ -207,6 +221,9 @@ TARGETS: dict[str, Callable[[Path, str, Path], AbstractContextManager[Path]]] = 
     # both servers with O_DIRECT on the image (QEMU's cache.direct=on, cache=none)
     "qemu-storage-daemon cache.direct": qsd_direct,
     "fusedisk cache.direct": fusedisk_direct,
+    # the worker pool instead of the default io_uring (file option aio)
+    "fusedisk threads": fusedisk_threads,
+    "fusedisk cache.direct threads": fusedisk_direct_threads,
 }
 DEFAULT_TARGETS = ("host file", "qemu-storage-daemon", "fusedisk", "fusedisk-pyfuse3")
 

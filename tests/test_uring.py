@@ -84,3 +84,8 @@ async def test_a_cancelled_write_waits_until_the_kernel_is_done_with_it():
         ring.close()
         os.close(r)
         os.close(w)
+
+
+async def test_a_ring_closed_before_its_reaper_ran_ends_quietly():
+    Ring().close()  # `fusedisk check` opens and closes files without waiting
+    await trio.sleep(0.01)  # the reaper starts, sees the ring closed, and ends

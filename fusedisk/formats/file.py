@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import stat
 from typing import Any
 
 import trio
 
 from fusedisk.errors import NotSupported, OpenError
+from fusedisk.formats import uring
 from fusedisk.formats.hostio import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -35,8 +37,17 @@ from fusedisk.graph.options import REQUIRED, Option, option_table
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
 
-#: the engines `aio` may name: the measured best first (docs/design-notes.md)
+#: the engines `aio` may name (docs/design-notes.md has the measurements)
 AIO_ENGINES = ("threads", "io_uring")
+
+
+def default_aio() -> str:
+    """io_uring where the kernel allows it (not blocked by seccomp or
+    kernel.io_uring_disabled) on x86-64, whose memory order the ring code relies
+    on; else the worker pool."""
+    if platform.machine() == "x86_64" and uring.available() is None:
+        return "io_uring"
+    return "threads"
 
 
 def _extents(fd: int, offset: int, length: int) -> list[Extent] | None:
@@ -87,8 +98,9 @@ class FileNode(Node):
         Option(
             "aio",
             "str",
-            AIO_ENGINES[0],
-            "how blocking host I/O leaves the event loop: threads (a batched worker pool)",
+            None,
+            "how host I/O leaves the event loop: io_uring (the default where the kernel "
+            "allows it) or threads (a batched worker pool)",
             choices=AIO_ENGINES,
         ),
     )
@@ -136,7 +148,8 @@ class FileNode(Node):
             os.close(self.fd)
             self.fd = -1
             raise
-        aio = str(self.options.get("aio", AIO_ENGINES[0]))
+        aio = self.options.get("aio") or default_aio()
+        self.options["aio"] = aio  # options/aio shows the engine in use
         try:
             self.host = HostFile(self.fd, f"file:{self.name}", direct=direct, aio=aio)
         except OSError as e:

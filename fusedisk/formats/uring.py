@@ -155,8 +155,8 @@ class Ring:
         self._entries = p.sq_entries
 
     async def _reap(self) -> None:
-        with self._closed:
-            while True:
+        with self._closed, contextlib.suppress(trio.ClosedResourceError):
+            while self.fd >= 0:  # closed before this task first ran: nothing to wait for
                 await trio.lowlevel.wait_readable(self.efd)
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self.efd)
