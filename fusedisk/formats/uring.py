@@ -149,10 +149,8 @@ class Ring:
         )
         self._sq_tail_at, self._sq_array_at = sq.tail, sq.array
         self._sq_mask = _U32.unpack_from(self._sq, sq.ring_mask)[0]
-        self._sq_head_at = sq.head
         self._cq_head_at, self._cq_tail_at, self._cqes_at = cq.head, cq.tail, cq.cqes
         self._cq_mask = _U32.unpack_from(self._cq, cq.ring_mask)[0]
-        self._entries = p.sq_entries
 
     async def _reap(self) -> None:
         with self._closed, contextlib.suppress(trio.ClosedResourceError):
