@@ -10,9 +10,11 @@ wait for a device goes through a `HostFile`:
   buffered writes (EOPNOTSUPP, measured on kernel 6.18), so there every write
   takes the slow path.  A file opened with O_DIRECT has no fast path: its
   requests always wait for the device.
-- **Slow path, in a worker pool** (fusedisk/workers.py): a few threads fed
-  by a queue, completions batched so trio is woken once per batch, never a
-  thread hand-off per request.
+- **Slow path, off the loop**: reads, writes and fdatasync in the file's
+  io_uring (uring.py: no thread at all) with `aio = "io_uring"`, or in a
+  worker pool (fusedisk/workers.py: a few threads fed by a queue, completions
+  batched so trio is woken once per batch, never a thread hand-off per
+  request); fallocate, ftruncate and lseek always in the pool.
 
 Python has no binding for fallocate(2) with flags (os.posix_fallocate has
 none), so it is called through ctypes.  Reads and writes loop until complete,
@@ -202,7 +204,8 @@ class HostFile:
     """One open host file descriptor and the way its requests reach the host.
 
     The caller owns `fd` (it opens and closes it); `HostFile` owns the worker
-    pool, which `close` ends.  Must be made inside a trio run.
+    pool and the io_uring (`aio`), which `close` ends.  Must be made inside a
+    trio run; raises OSError if io_uring is asked for and the kernel refuses it.
     """
 
     def __init__(
