@@ -1,4 +1,5 @@
-"""Host I/O: page-cache hits inline, everything else in the pool; O_DIRECT; file options."""
+"""Host I/O: page-cache hits inline, everything else off the loop (pool or io_uring);
+O_DIRECT; file options."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ async def host(tmp_path, request) -> AsyncIterator[HostFile]:
         os.close(fd)
 
 
-async def test_cached_reads_are_inline_and_cold_ones_go_to_the_pool(tmp_path, host):
+async def test_cached_reads_are_inline_and_cold_ones_leave_the_loop(tmp_path, host):
     assert await host.read(0, 4096) == DATA[:4096]
     if not host.statistics()["nowait_reads"]:
         pytest.skip("this file system has no RWF_NOWAIT reads")
