@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import os
 import random
 import threading
@@ -67,8 +68,11 @@ def start_op(m: Mount, op: str, tag: str) -> tuple[str, int, str]:
 
 
 def wait_jobs(m: Mount) -> None:
+    """Wait for the disk's job; the last one must have ended well."""
     with contextlib.suppress(OSError):  # a failed job says so in its state
         m.path("vm0", "job").write_text("wait\n")
+    state = json.loads(m.path("vm0", "job").read_text())
+    assert state["state"] == "done", state
 
 
 class Writer(threading.Thread):

@@ -166,7 +166,7 @@ def _remove_unused(spec: Spec, name: str) -> None:
 def overlay_links(changes: list[dict[str, Any]]) -> dict[str, str | None]:
     """Overlay node -> its base, for the overlays the changes leave in the graph.
 
-    A committed overlay is gone; a streamed one (and every overlay of the chain
+    A committed overlay is gone, as is one a quorum replaced; a streamed one (and every overlay of the chain
     it streamed from) maps to None: it no longer has its snapshot's base.
     """
     links: dict[str, str | None] = {}
@@ -177,6 +177,8 @@ def overlay_links(changes: list[dict[str, Any]]) -> dict[str, str | None]:
                 links[overlay["node"]] = overlay["base"]
         elif op == "commit":
             links.pop(change["overlay"], None)
+        elif op == "replace":  # a quorum child replaced: that overlay left the graph
+            links.pop(change["old"], None)
         elif op == "stream":
             below = links.get(change["node"])
             links[change["node"]] = None
