@@ -166,8 +166,9 @@ def _remove_unused(spec: Spec, name: str) -> None:
 def overlay_links(changes: list[dict[str, Any]]) -> dict[str, str | None]:
     """Overlay node -> its base, for the overlays the changes leave in the graph.
 
-    A committed overlay is gone, as is one a quorum replaced; a streamed one (and every overlay of the chain
-    it streamed from) maps to None: it no longer has its snapshot's base.
+    A committed overlay is gone, as is one a quorum replaced; a streamed one (and
+    every overlay of the chain it streamed from) maps to None: it no longer has its
+    snapshot's base.
     """
     links: dict[str, str | None] = {}
     for change in changes:
