@@ -14,8 +14,8 @@ import threading
 import pytest
 import trio
 
+from fusedisk.graph.commit import start_commit
 from fusedisk.graph.graph import Graph
-from fusedisk.graph.layers import start_commit
 from fusedisk.graph.snapshot import take_snapshot
 from fusedisk.spec import parse_spec
 from tests.conftest import needs, write_at

@@ -27,12 +27,14 @@ from typing import Any
 
 from fusedisk import metrics
 from fusedisk.graph.children import start_replace, start_scrub
+from fusedisk.graph.commit import start_commit
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.jobs import Job
-from fusedisk.graph.layers import revert, start_commit, start_stream
 from fusedisk.graph.node import GraphOp, Node
+from fusedisk.graph.revert import revert
 from fusedisk.graph.snapshot import list_snapshots, take_snapshot
+from fusedisk.graph.stream import start_stream
 
 
 class Entry:
