@@ -49,189 +49,35 @@ import errno as _errno
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 
 import trio
-import xxhash
 
 from fusedisk.errors import ControlError, IOFailure, OpenError
+from fusedisk.filters.quorum_children import QuorumChildren
+from fusedisk.filters.quorum_vote import (
+    DEGRADED,
+    FAILED,
+    HEALTHY,
+    VOTE_BLOCK,
+    ChildState,
+    Range,
+    Verdict,
+    vote,
+    zero_majority,
+)
 from fusedisk.graph.edge import Edge, RangeLock
-from fusedisk.graph.extents import Extent, Status, merge_extents
-from fusedisk.graph.node import ChildSlot, Control, GraphOp, Node, NodeContext, Role
+from fusedisk.graph.extents import Extent
+from fusedisk.graph.node import ChildSet, ChildSlot, Control, GraphOp, Node, NodeContext, Role
 from fusedisk.graph.options import REQUIRED, Option, option_table
 
 log = logging.getLogger("fusedisk")
 
-#: the unit of a vote: children are compared and repaired in blocks of this size
-VOTE_BLOCK = 4096
-#: the unit of background work (scrub, resync): held under the range lock
-JOB_CHUNK = 1 << 20
 #: concurrent (nursery) requests after which children are probed again (see _each)
 PROBE_EVERY = 4096
 #: per child, read errors (and votes lost) logged before the rest are only counted
 READ_ERRORS_LOGGED = 5
 MISMATCHES_LOGGED = 20
-
-HEALTHY = "healthy"
-DEGRADED = "degraded"
-FAILED = "failed"
-RESYNCING = "resyncing"
-
-Range = tuple[int, int]  # (offset, length)
-
-
-# -- the vote (pure: no I/O) ---------------------------------------------------
-
-
-@dataclass
-class Verdict:
-    """The result of voting on one range read from several children.
-
-    `wrong` holds, per child that answered, the ranges where it lost the vote;
-    `undecided` the ranges no group won.  Children that failed to answer are
-    not in `wrong`: the caller knows them.
-    """
-
-    offset: int
-    length: int
-    data: bytes  # the winning bytes; undecided ranges hold zeroes
-    wrong: dict[str, list[Range]] = field(default_factory=dict)
-    undecided: list[Range] = field(default_factory=list)
-
-    def decided(self) -> list[Range]:
-        """The complement of `undecided` within the range."""
-        out: list[Range] = []
-        pos = self.offset
-        for off, n in self.undecided:
-            if off > pos:
-                out.append((pos, off - pos))
-            pos = off + n
-        if pos < self.offset + self.length:
-            out.append((pos, self.offset + self.length - pos))
-        return out
-
-
-def _add_range(ranges: list[Range], off: int, n: int) -> None:
-    """Append, merging with the previous range when contiguous."""
-    if ranges and ranges[-1][0] + ranges[-1][1] == off:
-        ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
-    else:
-        ranges.append((off, n))
-
-
-def vote(
-    offset: int, results: Mapping[str, bytes], threshold: int, block: int = VOTE_BLOCK
-) -> Verdict:
-    """Vote per `block` (aligned to absolute offsets) among the children's results.
-
-    A block's winner is the largest group of identical contents if it has at
-    least `threshold` members and no other group is as large.
-    """
-    names = list(results)
-    length = len(results[names[0]]) if names else 0
-    if len(names) < threshold or not names:
-        return Verdict(offset, length, bytes(length), {}, [(offset, length)] if length else [])
-    first = results[names[0]]
-    if all(results[n] == first for n in names[1:]):
-        return Verdict(offset, length, first)
-    verdict = Verdict(offset, length, b"")
-    out = bytearray(length)
-    end = offset + length
-    pos = offset
-    while pos < end:
-        stop = min(end, (pos // block + 1) * block)
-        a, b = pos - offset, stop - offset
-        pieces = {n: results[n][a:b] for n in names}
-        p0 = pieces[names[0]]
-        if all(pieces[n] == p0 for n in names[1:]):
-            out[a:b] = p0
-            pos = stop
-            continue
-        groups: dict[int, list[str]] = {}
-        for n in names:
-            groups.setdefault(xxhash.xxh3_128_intdigest(pieces[n]), []).append(n)
-        ranked = sorted(groups.values(), key=len, reverse=True)
-        best = ranked[0]
-        if len(best) >= threshold and (len(ranked) == 1 or len(ranked[1]) < len(best)):
-            out[a:b] = pieces[best[0]]
-            for group in ranked[1:]:
-                for n in group:
-                    _add_range(verdict.wrong.setdefault(n, []), pos, stop - pos)
-        else:
-            _add_range(verdict.undecided, pos, stop - pos)
-        pos = stop
-    # Where one child won everywhere, its bytes are the answer: no copy.
-    if not verdict.undecided:
-        for n in names:
-            if n not in verdict.wrong:
-                verdict.data = results[n]
-                return verdict
-    verdict.data = bytes(out)
-    return verdict
-
-
-def zero_majority(
-    offset: int, length: int, answers: list[list[Extent]], threshold: int, voters: int
-) -> list[Extent]:
-    """Block status of the quorum: a piece reads as zeroes only where at least
-    `threshold` children, and more than half of the voters, say so."""
-    end = offset + length
-    cuts = {offset, end}
-    for extents in answers:
-        for e in extents:
-            cuts.update(c for c in (e.offset, e.end) if offset < c < end)
-    points = sorted(cuts)
-    out: list[Extent] = []
-    for start, stop in pairwise(points):
-        votes = 0
-        for extents in answers:
-            for e in extents:
-                if e.offset <= start and stop <= e.end:
-                    if e.status & Status.ZERO:
-                        votes += 1
-                    break
-        zero = votes >= threshold and votes * 2 > voters
-        status = (Status.ZERO if zero else Status.DATA) | Status.ALLOCATED
-        out.append(Extent(start, stop - start, status))
-    return merge_extents(out)
-
-
-# -- per-child bookkeeping -------------------------------------------------------
-
-
-@dataclass
-class ChildState:
-    state: str = HEALTHY
-    read_errors: int = 0
-    write_errors: int = 0
-    flush_errors: int = 0
-    mismatches: int = 0
-    bytes_rewritten: int = 0
-    last_error: str = ""
-    mismatch_events: int = 0  # votes this child lost (to limit the log)
-    writes_mirrored: int = 0  # guest writes that reached it while resyncing
-
-    @property
-    def votes(self) -> bool:
-        return self.state in (HEALTHY, DEGRADED)
-
-    @property
-    def written(self) -> bool:
-        return self.state != FAILED
-
-    def as_dict(self, node: str) -> dict[str, Any]:
-        return {
-            "node": node,
-            "state": self.state,
-            "read_errors": self.read_errors,
-            "write_errors": self.write_errors,
-            "flush_errors": self.flush_errors,
-            "mismatches": self.mismatches,
-            "bytes_rewritten": self.bytes_rewritten,
-            "last_error": self.last_error,
-        }
 
 
 # -- the node ---------------------------------------------------------------------
@@ -281,6 +127,7 @@ class QuorumNode(Node):
         self.last_quorum_loss = ""
         #: guest writes take it per range; a scrub or resync chunk holds it (graph/copy.py)
         self.copy_lock = RangeLock()
+        self._children_set = QuorumChildren(self)
         self._yielding: set[str] = set()  # children seen yielding to trio (see _each)
         self._concurrent_requests = 0
 
@@ -601,134 +448,10 @@ class QuorumNode(Node):
         n = len(voters)
         return zero_majority(offset, length, answers, max(n, 1), 1 if n else 0)
 
-    # -- the ChildSet capability (graph/node.py): scrub and replace run as graph jobs --
+    # -- the ChildSet capability: scrub and replace run as graph jobs ------------------
 
-    def child_set(self) -> QuorumNode:
-        return self
-
-    def scrub_report(self) -> dict[str, Any]:
-        return {"mismatched_ranges": 0, "bytes_rewritten": 0, "read_errors": 0,
-                "unrecoverable": []}  # fmt: skip
-
-    def _totals(self, counter: str) -> int:
-        return sum(getattr(s, counter) for s in self.child_state.values())
-
-    async def scrub_chunk(self, offset: int, length: int, report: dict[str, Any]) -> None:
-        """Vote [offset, offset+length) and rewrite every loser (the caller holds
-        `copy_lock` on the range); ranges every voter reads as zeroes are skipped."""
-        voters = self._voters()
-        if len(voters) < self.threshold:
-            raise self._quorum_lost(
-                f"scrub {offset}+{length}",
-                f"{len(voters)} children in service, {self.threshold} needed",
-            )
-        errors, rewritten = self._totals("read_errors"), self._totals("bytes_rewritten")
-        for ext in await self._block_status(offset, length, majority=False):
-            if ext.status & Status.ZERO:
-                continue
-            what = f"scrub {ext.offset}+{ext.length}"
-            verdict = await self._vote_locked(voters, ext.offset, ext.length, what, True)
-            report["mismatched_ranges"] += sum(len(r) for r in verdict.wrong.values())
-            if verdict.undecided:
-                self._quorum_lost(what, self._describe_undecided(verdict))
-                lost = report["unrecoverable"]
-                lost.extend(f"{o}+{k}" for o, k in verdict.undecided[: 64 - len(lost)])
-        report["read_errors"] += self._totals("read_errors") - errors
-        report["bytes_rewritten"] += self._totals("bytes_rewritten") - rewritten
-
-    def _find_child(self, ref: str) -> Edge:
-        slots = [e for e in self.children.values() if self.child_state[e.name].state != RESYNCING]
-        for edge in slots:
-            if ref in (edge.name, edge.node.name):
-                return edge
-        names = ", ".join(f"{e.name} ('{e.node.name}')" for e in slots)
-        raise ControlError(
-            f"node '{self.name}': replace: '{ref}' is not one of its children: {names}"
-        )
-
-    def check_replace(self, old_ref: str, node: Node) -> Edge:
-        """The slot `old_ref` names, if `node` can be resynced to take its place.
-
-        The old child keeps serving (if it still can) until the new one is in
-        sync, so the resync needs a quorum of the children in service now.
-        """
-        old = self._find_child(old_ref)
-        if len(self._voters()) < self.threshold:
-            raise ControlError(
-                f"node '{self.name}': replace: only {len(self._voters())} children in service, "
-                f"{self.threshold} needed to resync a new one"
-            )
-        problem = ""
-        if node.size != self.size:
-            problem = f"its size is {node.size} bytes, the quorum's {self.size}"
-        elif node.read_only:
-            problem = "it is read-only"
-        if problem:
-            raise ControlError(f"node '{self.name}': replace: spare '{node.name}': {problem}")
-        return old
-
-    def attach_resync(self, old_ref: str, node: Node) -> tuple[Edge, Edge]:
-        """(Drained) add `node` as a write-only child to take the place of `old_ref`."""
-        old = self.check_replace(old_ref, node)
-        temp = f"{old.name}.new"
-        self.child_state[temp] = ChildState(state=RESYNCING)
-        edge = self.add_child(temp, Role.CHILDREN, node)
-        log.info("node '%s': replacing %s ('%s') with '%s': resync started",
-                 self.name, old.name, old.node.name, node.name)  # fmt: skip
-        return old, edge
-
-    def detach_resync(self, temp: Edge) -> None:
-        if self.children.get(temp.name) is temp:
-            del self.children[temp.name]
-            del self.child_state[temp.name]
-            temp.detach()
-
-    def resync_writes(self, temp: Edge) -> int:
-        st = self.child_state.get(temp.name)
-        return st.writes_mirrored if st is not None else 0
-
-    async def resync_chunk(self, temp: Edge, offset: int, length: int) -> None:
-        """Copy the voted data of the range into `temp` (the caller holds `copy_lock`);
-        ranges a majority reads as zeroes are written as zeroes with unmap."""
-        self._check_new_child(temp)
-        voters = self._voters()
-        for ext in await self._block_status(offset, length, majority=True):
-            if ext.status & Status.ZERO:
-                await temp.write_zeroes(ext.offset, ext.length, True)
-                continue
-            what = f"resync {ext.offset}+{ext.length}"
-            verdict = await self._vote_locked(
-                voters, ext.offset, ext.length, what, bool(self.options.get("rewrite-corrupted"))
-            )
-            if verdict.undecided:
-                raise self._quorum_lost(what, self._describe_undecided(verdict))
-            await temp.write(ext.offset, verdict.data)
-
-    def _check_new_child(self, temp: Edge) -> None:
-        st = self.child_state[temp.name]
-        if st.state == FAILED:
-            raise IOFailure(
-                f"node '{self.name}': replace: the new child '{temp.node.name}' failed: "
-                f"{st.last_error}"
-            )
-
-    def promote(self, slot: Edge, temp: Edge) -> None:
-        """(Drained) the slot's edge points at the resynced node, its state afresh."""
-        self._check_new_child(temp)  # a guest write may have failed on it
-        new = temp.node
-        self.detach_resync(temp)
-        slot.replace(new)
-        self.child_state[slot.name] = ChildState()
-        log.info("node '%s': %s is now '%s' (resynced)", self.name, slot.name, new.name)
-
-    def demote(self, slot: Edge, temp: Edge, old: Node) -> None:
-        """Undo `promote`: the old node back in its slot, the new one resyncing again."""
-        new = slot.node
-        slot.replace(old)
-        self.child_state[temp.name] = ChildState(state=RESYNCING)
-        self.children[temp.name] = temp
-        temp.node = new
-        new.parents.append(temp)
+    def child_set(self) -> ChildSet:
+        return self._children_set
 
     # -- control files -----------------------------------------------------------------
 

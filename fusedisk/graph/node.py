@@ -115,7 +115,8 @@ class ChildSet(Protocol):
     exclusively.  The caller holds the lock on the range it passes.
     """
 
-    copy_lock: RangeLock
+    @property
+    def copy_lock(self) -> RangeLock: ...
 
     def scrub_report(self) -> dict[str, Any]: ...
 
