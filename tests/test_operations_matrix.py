@@ -45,6 +45,22 @@ growable = true
 """
 )
 
+# The seed tree (throttle -> luks -> quorum -> 3 x qcow2), with a spare
+SEED_TREE = """
+[nodes.thr]
+driver = "throttle"
+file = "crypt"
+iops-total = 100000
+
+[nodes.crypt]
+driver = "luks"
+file = "q"
+key-file = "key"
+format = true
+pbkdf2-iterations = 1000
+""" + SPEC.replace('node = "q"', 'node = "thr"')
+SPECS = {"quorum": SPEC, "seed": SEED_TREE}
+
 
 def control(path: Path, text: str) -> None:
     """One write(2), as `echo` does (a buffered file object may write again at close)."""
@@ -60,7 +76,7 @@ def start_op(m: Mount, op: str, tag: str) -> tuple[str, int, str]:
     file, the log for a truncate)."""
     try:
         if op == "truncate":
-            os.truncate(m.path("vm0.img"), SIZE + MiB)
+            os.truncate(m.path("vm0.img"), os.path.getsize(m.path("vm0.img")) + MiB)
         elif op == "snapshot":
             control(m.path("vm0", "snapshot"), f"s{tag}")
         elif op == "replace":
@@ -98,7 +114,7 @@ class Writer(threading.Thread):
             fd = os.open(self.path, os.O_WRONLY)
             try:
                 while not self.stop.is_set():
-                    offset = rng.randrange(SIZE // 2 // 65536) * 65536
+                    offset = rng.randrange(len(self.model) // 2 // 65536) * 65536
                     data = rng.randbytes(65536)
                     os.pwrite(fd, data, offset)
                     self.model[offset : offset + 65536] = data
@@ -114,29 +130,31 @@ def read_disk(m: Mount) -> bytes:
         return f.read()
 
 
-def set_up(tmp_path: Path) -> tuple[Path, Mount, bytearray]:
+def set_up(tmp_path: Path, tree: str) -> tuple[Path, Mount, bytearray]:
+    """Mount `tree` with random data, snapshot s0 (kept in `at-s0`), then write the
+    last MiB; returns the spec, the mount and the model of the disk."""
     for name in ("c0", "c1", "c2", "spare0"):
         run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / f"{name}.qcow2", SIZE)
+    (tmp_path / "key").write_bytes(b"matrix passphrase")
     spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC)
+    spec.write_text(SPECS[tree])
     m = Mount(spec, tmp_path / "mnt").start()
-    model = bytearray(SIZE)
-    data = random.Random(1).randbytes(SIZE)
-    with open(m.path("vm0.img"), "r+b") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    model[:] = data
+    size = int(m.path("vm0", "size").read_text())
+    data = random.Random(1).randbytes(size)
+    write_synced(m, 0, data)
     (tmp_path / "at-s0").write_bytes(data)
     m.path("vm0", "snapshot").write_text("s0\n")  # what commit, stream, revert act on
     head = random.Random(2).randbytes(MiB)
+    write_synced(m, size - MiB, head)
+    return spec, m, bytearray(data[: size - MiB] + head)
+
+
+def write_synced(m: Mount, offset: int, data: bytes) -> None:
     with open(m.path("vm0.img"), "r+b") as f:
-        f.seek(SIZE - MiB)
-        f.write(head)
+        f.seek(offset)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    model[SIZE - MiB :] = head
-    return spec, m, model
 
 
 def check_images(tmp_path: Path) -> None:
@@ -145,12 +163,21 @@ def check_images(tmp_path: Path) -> None:
 
 
 PAIRS = list(itertools.combinations_with_replacement(OPS, 2))
+#: every pair on the quorum, idle and with a writer; on the seed tree idle (bounded time)
+CASES = [
+    *((tree, a, b, writer) for writer in (False, True) for a, b in PAIRS for tree in ["quorum"]),
+    *(("seed", a, b, False) for a, b in PAIRS),
+    ("seed", "snapshot", "replace", True),
+]
 
 
-@pytest.mark.parametrize("writer", [False, True], ids=["idle", "writer"])
-@pytest.mark.parametrize(("a", "b"), PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
-def test_two_operations_started_together(tmp_path: Path, a: str, b: str, writer: bool):
-    spec, m, model = set_up(tmp_path)
+@pytest.mark.parametrize(
+    ("tree", "a", "b", "writer"),
+    CASES,
+    ids=[f"{t}-{a}+{b}-{'writer' if w else 'idle'}" for t, a, b, w in CASES],
+)
+def test_two_operations_started_together(tmp_path: Path, tree: str, a: str, b: str, writer: bool):
+    spec, m, model = set_up(tmp_path, tree)
     try:
         at_s0 = (tmp_path / "at-s0").read_bytes()  # what a revert to s0 gives
         w = Writer(m.path("vm0.img"), model) if writer else None
@@ -185,10 +212,7 @@ def test_two_operations_started_together(tmp_path: Path, a: str, b: str, writer:
         content = read_disk(m)
         if not (writer and any(op == "revert" for op, _, _ in results)):
             assert content == bytes(model), results
-        with open(m.path("vm0.img"), "r+b") as f:  # the disk still writes
-            f.write(b"after" * 100)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(m, 0, b"after" * 100)  # the disk still writes
         content = b"after" * 100 + content[500:]
         log = m.log
         m.stop()
@@ -205,7 +229,7 @@ def test_two_operations_started_together(tmp_path: Path, a: str, b: str, writer:
 
 @pytest.mark.parametrize("op", ["snapshot", "commit", "stream", "revert", "replace", "scrub"])
 def test_sigkill_in_the_middle_of_an_operation(tmp_path: Path, op: str):
-    spec, m, model = set_up(tmp_path)
+    spec, m, model = set_up(tmp_path, "quorum")
     try:
         w = Writer(m.path("vm0.img"), model)
         w.start()
