@@ -1,9 +1,9 @@
 """Every pair of graph operations started together through a real mount, on a quorum
-of three qcow2 children with a spare and on the seed tree above one: each ends done or refused with an errno and a
-sentence; afterwards the disk writes, the spec remounts, the data is the model's and
-`qemu-img check` is clean on every image.  Then SIGKILL in the middle of each
-operation: the next mount opens the graph before or after it, fsync'd data there.
-(docs/operations.md is the table this checks.)"""
+of three qcow2 children with a spare and on the seed tree above one: each ends done
+or refused with an errno and a sentence; afterwards the disk writes, the spec
+remounts, the data is the model's and `qemu-img check` is clean on every image.
+Then SIGKILL in the middle of each operation: the next mount opens the graph before
+or after it, fsync'd data there.  (docs/operations.md is the table this checks.)"""
 
 from __future__ import annotations
 
