@@ -157,6 +157,16 @@ def write_synced(m: Mount, offset: int, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def shape(m: Mount) -> dict[str, dict[str, str]]:
+    """The disk's graph as the mount shows it: node -> {child edge: child node}."""
+    nodes = m.path("vm0", "nodes")
+    return {
+        node: {edge: os.readlink(nodes / node / "children" / edge).rsplit("/", 1)[-1]
+               for edge in os.listdir(nodes / node / "children")}
+        for node in os.listdir(nodes)
+    }  # fmt: skip
+
+
 def check_images(tmp_path: Path) -> None:
     for image in sorted(tmp_path.glob("*.qcow2")):
         run("qemu-img", "check", "-q", image)
@@ -214,6 +224,7 @@ def test_two_operations_started_together(tmp_path: Path, tree: str, a: str, b: s
             assert content == bytes(model), results
         write_synced(m, 0, b"after" * 100)  # the disk still writes
         content = b"after" * 100 + content[500:]
+        graph = shape(m)
         log = m.log
         m.stop()
         assert "Traceback" not in log, log
@@ -221,6 +232,7 @@ def test_two_operations_started_together(tmp_path: Path, tree: str, a: str, b: s
         m2 = Mount(spec, tmp_path / "mnt2").start()
         try:
             assert read_disk(m2) == content
+            assert shape(m2) == graph  # the replayed log gives exactly the live graph
         finally:
             m2.stop()
     finally:
