@@ -206,10 +206,12 @@ def overlay_specs(overlay: dict[str, Any]) -> list[NodeSpec]:
     """The spec nodes of one recorded overlay: a qcow2 node and its file."""
     node, base, filename = overlay["node"], overlay["base"], overlay["filename"]
     driver = overlay.get("driver") or overlay_driver().driver
+    # the leaf driver of the base's image; records older than "file-driver" used `file`
+    leaf = overlay.get("file-driver", "file")
     options = default_options(driver)
-    file_options = {**default_options("file"), "filename": filename}
+    file_options = {**default_options(leaf), "filename": filename}
     return [
-        NodeSpec(f"{node}.file", "file", file_options, inline=True),
+        NodeSpec(f"{node}.file", leaf, file_options, inline=True),
         NodeSpec(node, driver, options, {"file": f"{node}.file", "backing": base}),
     ]
 

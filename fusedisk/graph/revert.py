@@ -27,7 +27,7 @@ from fusedisk.graph.changes import load_changes, overlay_links
 from fusedisk.graph.jobs import Job, JobError
 from fusedisk.graph.node import Node, Role, walk
 from fusedisk.graph.registry import overlay_driver
-from fusedisk.graph.snapshot import image_of, repoint
+from fusedisk.graph.snapshot import image_of, leaf_driver, repoint
 
 if TYPE_CHECKING:
     from fusedisk.graph.disk import Disk
@@ -92,7 +92,7 @@ class RevertJob(Job):
         driver.create_overlay(temp, node.size, os.path.relpath(image_of(base), path.parent),
                               base.driver)  # fmt: skip
         file_node = await graph.add_node(
-            temp_name(graph, f"{node.name}.file"), "file", {"filename": str(temp)}, {}
+            temp_name(graph, f"{node.name}.file"), leaf_driver(node), {"filename": str(temp)}, {}
         )
         self.txn.undo_later(partial(graph.remove_node, file_node))
         new = await graph.add_node(

@@ -78,6 +78,13 @@ def image_of(node: Node) -> Path:
     return Path(filename)
 
 
+def leaf_driver(node: Node) -> str:
+    """The driver of the leaf that holds a format node's image: an overlay beside it
+    is opened with the same one (no driver is named here)."""
+    image_of(node)
+    return node.children["file"].node.driver
+
+
 def overlay_filename(image: Path, snapshot: str) -> Path:
     """`images/d0.qcow2` + `s1` -> `images/d0.s1.qcow2`: beside what it covers."""
     return image.with_name(f"{image.stem}.{snapshot}.qcow2")
@@ -175,7 +182,7 @@ class SnapshotJob(Job):
             )
             overlays.append(
                 {"node": plan.node_name, "base": plan.base.name, "filename": str(plan.overlay),
-                 "driver": driver.driver}
+                 "driver": driver.driver, "file-driver": leaf_driver(plan.base)}
             )  # fmt: skip
         self.record = {
             "op": "snapshot",
@@ -186,7 +193,9 @@ class SnapshotJob(Job):
         }
         for plan, overlay in zip(self.plans, overlays, strict=True):
             file_spec, image_spec = overlay_specs(overlay)
-            file_node = await self.graph.add_node(file_spec.name, "file", file_spec.options, {})
+            file_node = await self.graph.add_node(
+                file_spec.name, file_spec.driver, file_spec.options, {}
+            )
             self.txn.undo_later(partial(self.graph.remove_node, file_node))
             node = await self.graph.add_node(
                 image_spec.name, image_spec.driver, image_spec.options,
