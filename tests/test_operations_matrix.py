@@ -14,6 +14,7 @@ import json
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -241,26 +242,40 @@ def test_two_operations_started_together(tmp_path: Path, tree: str, a: str, b: s
 
 @pytest.mark.parametrize("op", ["snapshot", "commit", "stream", "revert", "replace", "scrub"])
 def test_sigkill_in_the_middle_of_an_operation(tmp_path: Path, op: str):
-    spec, m, model = set_up(tmp_path, "quorum")
+    """SIGKILL while `op` runs (at once, and a moment later) with a writer: the next
+    mount shows the graph before or after `op` (as a run left to finish shows it), the
+    fsync'd writes are there, and the images check clean."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    _, m, _ = set_up(ref, "quorum")
     try:
-        w = Writer(m.path("vm0.img"), model)
-        w.start()
-        start_op(m, op, "1")
-        w.stop.set()
-        w.join()  # its writes are fsync'd: they must survive
-        assert w.error is None, w.error
-        m.crash()
-        m2 = Mount(spec, tmp_path / "mnt2").start()
-        try:
-            content = read_disk(m2)
-            if op != "revert":
-                assert content == bytes(model)
-            with open(m2.path("vm0.img"), "r+b") as f:
-                f.write(b"x" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            m2.stop()
-        check_images(tmp_path)  # a crashed image may leak clusters until the remount repairs it
+        before = shape(m)
+        assert start_op(m, op, "1")[1] == 0
+        wait_jobs(m)
+        after = shape(m)
     finally:
-        m.stop(check_log=False)
+        m.stop()
+    for delay in (0.0, 0.03):
+        folder = tmp_path / f"crash-{delay}"
+        folder.mkdir()
+        spec, m, model = set_up(folder, "quorum")
+        try:
+            w = Writer(m.path("vm0.img"), model)
+            w.start()
+            start_op(m, op, "1")
+            time.sleep(delay)
+            w.stop.set()
+            w.join()  # its writes are fsync'd: they must survive
+            assert w.error is None, w.error
+            m.crash()
+            m2 = Mount(spec, folder / "mnt2").start()
+            try:
+                assert shape(m2) in (before, after)
+                if op != "revert":  # a revert drops what the writer wrote before it
+                    assert read_disk(m2) == bytes(model)
+                write_synced(m2, 0, b"x" * 4096)
+            finally:
+                m2.stop()
+            check_images(folder)  # a crashed image may leak until the remount repairs it
+        finally:
+            m.stop(check_log=False)
