@@ -470,7 +470,7 @@ async def test_scrub_runs_in_the_background_while_guest_io_continues():
     kids[1].buf[15 * MiB] ^= 1
     await ctl(q, "scrub").write("")  # returns once started
     assert json.loads(ctl(q, "scrub").read())["state"] == "running"
-    with pytest.raises(ControlError, match="a scrub of q is running"):
+    with pytest.raises(ControlError, match="a scrub is running on node 'q'"):
         await ctl(q, "scrub").write("")
     writes = 0
     while json.loads(ctl(q, "scrub").read())["state"] == "running":
@@ -552,7 +552,7 @@ async def test_replace_refuses_unknown_children_bad_spares_and_a_second_job():
     with pytest.raises(ControlError, match="write 'OLD NEW'"):
         await replace.write("children.0")
     await replace.write("children.0 ok")
-    with pytest.raises(ControlError, match="a replace of q is running"):
+    with pytest.raises(ControlError, match="a replace is running on node 'q'"):
         await ctl(q, "scrub").write("")
     await q.close()
 

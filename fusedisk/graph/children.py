@@ -46,7 +46,7 @@ class ScrubJob(Job):
     background = True
 
     def __init__(self, graph: Graph, disk: Disk, node: Node) -> None:
-        super().__init__(graph, disk, node.name)
+        super().__init__(graph, disk)
         self.node = node
         self.owner = node.name
         self.set = child_set(node)
@@ -67,7 +67,7 @@ class ReplaceJob(Job):
     background = True
 
     def __init__(self, graph: Graph, disk: Disk, node: Node, old_ref: str, new: str) -> None:
-        super().__init__(graph, disk, node.name)
+        super().__init__(graph, disk)
         self.graph = graph
         self.node = node
         self.owner = node.name

@@ -108,6 +108,7 @@ class Job:
             "progress": round(self.done_bytes / self.total_bytes, 4) if self.total_bytes else 1.0,
             "elapsed": round(end - self.started, 3),
             "error": self.error,
+            **({"node": self.owner} if self.owner else {}),
             **self.detail,
         }
 
