@@ -568,6 +568,24 @@ async def test_a_failing_spare_abandons_the_replace_and_the_old_child_stays():
     assert spare.closed and spare.parents == []
 
 
+async def test_a_cancelled_replace_detaches_the_spare_and_records_nothing():
+    spare = FlakyNode(16 * MiB, "spare")
+    q, disk, kids = await make_quorum(size=16 * MiB, spares={"spare": spare})
+    host = HOSTS[id(q)]
+    await disk.write(0, pattern(4, 16 * MiB))
+    await ctl(q, "replace").write("children.1 spare")
+    job = host.jobs.last_owned[("q", "replace")]
+    while job.done_bytes == 0:
+        await trio.sleep(0)
+    await host.jobs.control(disk, "cancel")  # `echo cancel > vm0/job`
+    assert job.state == "cancelled"
+    assert list(q.children) == ["children.0", "children.1", "children.2"]
+    assert q.children["children.1"].node is kids[1] and status(q)["state"] == "healthy"
+    assert spare.closed and spare.parents == [] and host.changes == []
+    await disk.write(0, b"after")  # the quorum serves on, without the spare
+    assert bytes(kids[1].buf[:5]) == b"after" and bytes(spare.buf[:5]) != b"after"
+
+
 async def test_replace_needs_a_quorum_to_copy_from():
     q, top, kids = await make_quorum(spares={"s": FlakyNode(SIZE, "s")})
     kids[0].fail_writes = kids[1].fail_writes = True
