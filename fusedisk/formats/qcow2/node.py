@@ -111,6 +111,8 @@ class Qcow2Node(Node):
 
     h: Header
     _rw_open = False
+    #: set once open() has read the header and tables (stats before that are empty)
+    _opened = False
 
     # -- opening ------------------------------------------------------------------
 
@@ -236,6 +238,7 @@ class Qcow2Node(Node):
         await self._open_backing()
         self.size = h.size
         self.request_alignment = 1
+        self._opened = True
 
         if not self.read_only:
             await self._start_writing()
@@ -904,7 +907,7 @@ class Qcow2Node(Node):
     # -- introspection -----------------------------------------------------------------------
 
     def driver_stats(self) -> dict[str, Any]:
-        if not hasattr(self, "map"):
+        if not self._opened:
             return {}
         return {
             **self.counters,
