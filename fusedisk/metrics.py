@@ -6,7 +6,7 @@ when the file is read, from what the control tree shows anyway:
 
     fusedisk_disk_*{disk}                     size, read-only, in-flight requests
     fusedisk_disk_{requests,bytes,errors}_total{disk,op}, ..._request_seconds_total
-    fusedisk_disk_job_*{disk,kind}            the running or last commit/stream
+    fusedisk_disk_job_*{disk,kind}            the running or last graph job of the disk
     fusedisk_node_*{node,driver}              the same request counters, per node
     fusedisk_node_info{disk,node,driver,parent,child}   the tree, one series per edge
     fusedisk_driver_<counter>{node,driver}    a driver's numeric counters (its stats file)
@@ -236,7 +236,7 @@ def render(graph: Graph) -> str:
             doc = job.as_dict()
             _task(
                 out, "fusedisk_disk_job", {**labels, "kind": str(doc.get("kind"))}, doc,
-                "the disk's commit or stream job",
+                "the disk's last graph job",
             )  # fmt: skip
         for node in graph.disk_nodes(disk):
             for edge in node.children.values():
@@ -257,6 +257,12 @@ def render(graph: Graph) -> str:
                     f"the driver's {name} (its stats file)", node_labels, number,
                 )  # fmt: skip
             _node_reports(out, node, node_labels)
+            for (owner, kind), job in graph.jobs.last_owned.items():
+                if owner == node.name:  # a fan-out node's scrub or replace (graph jobs)
+                    task = {**node_labels, "task": kind}
+                    _task(
+                        out, "fusedisk_node_task", task, job.as_dict(), f"the node's '{kind}' task"
+                    )
     for (section, name), obj in graph.shared_objects.items():
         for key, number in numbers(obj.stats_dict()):
             out.add(

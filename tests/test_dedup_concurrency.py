@@ -76,7 +76,7 @@ async def test_concurrent_requests_to_the_same_blocks_stay_consistent(seed):
         assert any(got == pattern_block(k) for k in seen[b]), f"block {b}"
     report = await node.check()
     assert report.status == "clean", report.lines()
-    assert node.journal.commits > 1
+    assert node.volume.journal.commits > 1
     await node.close()
 
 

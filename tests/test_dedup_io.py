@@ -283,12 +283,12 @@ async def test_memory_stays_bounded_and_commits_happen_without_flushes(tmp_path)
         peak = 0
         for i in range(16):
             await disk.write(i * MiB, rng.randbytes(MiB))
-            peak = max(peak, len(node.cache))
-        assert node.journal.commits > 1  # the budget forced commits; no flush was asked
-        limit = node.cache.capacity + node._txn_budget + 3 * node._chunk + 8
+            peak = max(peak, len(node.volume.cache))
+        assert node.volume.journal.commits > 1  # the budget forced commits; no flush was asked
+        limit = node.volume.cache.capacity + node.volume._txn_budget + 3 * node.volume._chunk + 8
         assert peak <= limit
         await disk.flush()
-        assert len(node.cache) <= node.cache.capacity
+        assert len(node.volume.cache) <= node.volume.cache.capacity
 
 
 async def test_opening_reads_only_the_superblock_and_the_journal(tmp_path):
@@ -334,5 +334,5 @@ async def test_rewriting_a_full_disk_reuses_blocks_without_flushes(tmp_path):
             last = rng.randbytes(size)
             await disk.write(0, last)
         assert await disk.read(0, size) == last
-        assert data_size(tmp_path) <= node.sb.physical_blocks * BS
+        assert data_size(tmp_path) <= node.volume.sb.physical_blocks * BS
         assert (await node.check()).status == "clean"

@@ -88,7 +88,7 @@ async def run_ops(folder: Path, operations: list[tuple]) -> None:
         report = await node.check()
         assert report.status == "clean", report.lines()
         blocks = {bytes(model[i : i + BS]) for i in range(0, SIZE, BS)} - {bytes(BS)}
-        assert node.counters.used_physical == len(blocks)
+        assert node.volume.counters.used_physical == len(blocks)
     finally:
         await graph.close()
 

@@ -66,7 +66,7 @@ node = "thr"
         node = graph.nodes["dd"]
         assert isinstance(node, DedupNode)
         assert node.driver_stats()["dedup_ratio"] == 4.0
-        assert node.dt.node.driver == "luks"
+        assert node.children["data"].node.driver == "luks"
     finally:
         await graph.close()
     assert blob[:4096] not in (tmp_path / "data.luks").read_bytes()  # encrypted

@@ -17,12 +17,14 @@ import trio.testing
 
 from fusedisk.errors import ControlError, IOFailure, OpenError
 from fusedisk.filters.quorum import VOTE_BLOCK, QuorumNode, vote
-from fusedisk.fuse.tree import ControlTree, DirEntry, LinkEntry
+from fusedisk.fuse.tree import ControlTree, DirEntry, FileEntry, LinkEntry
+from fusedisk.graph.disk import Disk
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Status
 from fusedisk.graph.graph import Graph
+from fusedisk.graph.jobs import Jobs
 from fusedisk.graph.node import Node, Role
-from fusedisk.spec import parse_spec
+from fusedisk.spec import DiskSpec, parse_spec
 from tests.conftest import make_image
 from tests.memory_node import Context, MemoryNode
 
@@ -64,18 +66,6 @@ class FlakyNode(MemoryNode):
         self.closed = True
 
 
-class SpareContext(Context):
-    """A context whose spares are in-memory nodes made on demand."""
-
-    def __init__(self, spares: dict[str, Node]) -> None:
-        self.spares = spares
-
-    async def open_spare(self, name: str) -> Node:
-        if name not in self.spares:
-            raise OpenError(f"there is no node named '{name}' in the spec")
-        return self.spares.pop(name)
-
-
 def options(threshold: int = 2, pattern: str = "quorum", rewrite: bool = False) -> dict[str, Any]:
     return {
         "vote-threshold": threshold,
@@ -85,13 +75,55 @@ def options(threshold: int = 2, pattern: str = "quorum", rewrite: bool = False) 
     }
 
 
+class JobHost:
+    """The graph as scrub and replace jobs see it: one disk over the quorum, spares
+    made on demand, a change log in memory."""
+
+    def __init__(self, q: QuorumNode, spares: dict[str, Node]) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.disk = Disk(DiskSpec("vm0", "q"), q)
+        self.disks = {"vm0": self.disk}
+        self.jobs = Jobs(self)
+        self.spares = spares
+        self.changes: list[dict[str, Any]] = []
+        self.controls = ControlTree(self).child_jobs(self.disk, q)  # type: ignore[arg-type]
+
+    def commit_record(self, record: dict[str, Any]) -> None:
+        self.changes.append(record)
+
+    def disks_of(self, nodes: list[Node]) -> list[Disk]:
+        return [self.disk]
+
+    async def open_spare(self, name: str) -> Node:
+        if name not in self.spares:
+            raise OpenError(f"there is no node named '{name}' in the spec")
+        return self.spares[name]
+
+    async def remove_node(self, node: Node) -> None:
+        await node.close()
+
+
+HOSTS: dict[int, JobHost] = {}
+
+
+def ctl(q: QuorumNode, name: str) -> FileEntry:
+    """A control file of the quorum: `status` is its own, `scrub` and `replace` the graph's."""
+    if name in ("scrub", "replace"):
+        return HOSTS[id(q)].controls[name]  # type: ignore[return-value]
+    control = q.controls()[name]
+    return FileEntry(control.read, control.write)
+
+
 async def make_quorum(
     n: int = 3, size: int = SIZE, spares: dict[str, Node] | None = None, **kw: Any
-) -> tuple[QuorumNode, Edge, list[FlakyNode]]:
+) -> tuple[QuorumNode, Disk, list[FlakyNode]]:
+    """A quorum of memory nodes under a disk (requests go through its gate, as a
+    guest's do: graph changes drain it)."""
     kids = [FlakyNode(size, f"m{i}") for i in range(n)]
-    q = QuorumNode("q", options(**kw), {"children": list(kids)}, SpareContext(spares or {}))
+    q = QuorumNode("q", options(**kw), {"children": list(kids)}, Context())
     await q.open()
-    return q, Edge(None, "root", Role.ROOT, q), kids
+    HOSTS[id(q)] = host = JobHost(q, spares or {})
+    return q, host.disk, kids
 
 
 def status(q: QuorumNode) -> dict[str, Any]:
@@ -408,9 +440,9 @@ async def test_scrub_repairs_what_no_read_touched():
     await top.write(0, pattern(7, SIZE))
     kids[0].buf[3 * MiB + 17] ^= 1
     kids[2].buf[100] ^= 1
-    await q.controls()["scrub"].write("wait")
+    await ctl(q, "scrub").write("wait")
     assert all(bytes(k.buf) == pattern(7, SIZE) for k in kids)
-    report = json.loads(q.controls()["scrub"].read())
+    report = json.loads(ctl(q, "scrub").read())
     assert report["state"] == "done" and report["progress"] == 1.0
     assert report["mismatched_ranges"] == 2 and report["bytes_rewritten"] == 2 * VOTE_BLOCK
     assert report["unrecoverable"] == []
@@ -423,8 +455,8 @@ async def test_scrub_reports_ranges_without_quorum_and_repairs_the_rest(caplog):
     kids[0].buf[MiB] ^= 1
     kids[1].buf[MiB] ^= 2
     kids[1].buf[2 * MiB] ^= 2
-    await q.controls()["scrub"].write("wait")  # it reports what it cannot repair, no error
-    report = json.loads(q.controls()["scrub"].read())
+    await ctl(q, "scrub").write("wait")  # it reports what it cannot repair, no error
+    report = json.loads(ctl(q, "scrub").read())
     assert report["unrecoverable"] == [f"{MiB}+4096"]
     assert (
         bytes(kids[1].buf[2 * MiB : 2 * MiB + 4096]) == pattern(3, SIZE)[2 * MiB : 2 * MiB + 4096]
@@ -436,12 +468,12 @@ async def test_scrub_runs_in_the_background_while_guest_io_continues():
     q, top, kids = await make_quorum(size=16 * MiB)
     await top.write(0, pattern(1, 16 * MiB))
     kids[1].buf[15 * MiB] ^= 1
-    await q.controls()["scrub"].write("")  # returns once started
-    assert json.loads(q.controls()["scrub"].read())["state"] == "running"
-    with pytest.raises(ControlError, match="a scrub is running"):
-        await q.controls()["scrub"].write("")
+    await ctl(q, "scrub").write("")  # returns once started
+    assert json.loads(ctl(q, "scrub").read())["state"] == "running"
+    with pytest.raises(ControlError, match="a scrub is running on node 'q'"):
+        await ctl(q, "scrub").write("")
     writes = 0
-    while json.loads(q.controls()["scrub"].read())["state"] == "running":
+    while json.loads(ctl(q, "scrub").read())["state"] == "running":
         off = (writes * 7919 * 4096) % (16 * MiB - 8192)
         await top.write(off, pattern(writes, 8192))
         assert await top.read(off, 8192) == pattern(writes, 8192)
@@ -453,9 +485,9 @@ async def test_scrub_runs_in_the_background_while_guest_io_continues():
 
 async def test_close_cancels_a_running_scrub():
     q, _top, _kids = await make_quorum(size=64 * MiB)
-    await q.controls()["scrub"].write("")
-    await q.close()
-    report = json.loads(q.controls()["scrub"].read())
+    await ctl(q, "scrub").write("")
+    await HOSTS[id(q)].jobs.aclose()
+    report = json.loads(ctl(q, "scrub").read())
     assert report["state"] in ("cancelled", "done")
 
 
@@ -470,7 +502,7 @@ async def test_replace_resyncs_a_spare_and_puts_it_in_service():
     kids[1].fail_writes = True
     await top.write(0, data[:4096])
     assert child(q, 1)["state"] == "failed"
-    await q.controls()["replace"].write("children.1 spare wait")
+    await ctl(q, "replace").write("children.1 spare wait")
     assert q.children["children.1"].node is spare
     assert list(q.children) == ["children.0", "children.1", "children.2"]
     assert bytes(spare.buf) == data
@@ -478,7 +510,7 @@ async def test_replace_resyncs_a_spare_and_puts_it_in_service():
     assert spare.parents == [q.children["children.1"]]
     s = status(q)
     assert s["state"] == "healthy" and s["children"]["children.1"]["node"] == "spare"
-    report = json.loads(q.controls()["replace"].read())
+    report = json.loads(ctl(q, "replace").read())
     assert report["state"] == "done" and report["old"] == "m1" and report["new"] == "spare"
 
 
@@ -488,19 +520,19 @@ async def test_replace_under_a_writer_ends_with_identical_children():
     await top.write(0, pattern(9, 16 * MiB))
     kids[0].fail_reads = kids[0].fail_writes = True
     await top.write(0, b"x")
-    await q.controls()["replace"].write("m0 spare")  # by node name; returns once started
-    report = json.loads(q.controls()["replace"].read())
+    await ctl(q, "replace").write("m0 spare")  # by node name; returns once started
+    report = json.loads(ctl(q, "replace").read())
     assert report["state"] == "running"
     assert status(q)["children"]["children.0.new"]["state"] == "resyncing"
     n = 0
-    while json.loads(q.controls()["replace"].read())["state"] == "running":
+    while json.loads(ctl(q, "replace").read())["state"] == "running":
         off = (n * 104729 * 512) % (16 * MiB - 65536)
         await top.write(off, pattern(n + 100, 65536))
         n += 1
         # a resyncing child is written by the guest but never read
         assert not [r for r in spare.requests if r[0] == "read"]
     assert n > 3
-    report = json.loads(q.controls()["replace"].read())
+    report = json.loads(ctl(q, "replace").read())
     assert report["state"] == "done" and report["guest_writes_mirrored"] > 0
     assert bytes(spare.buf) == bytes(kids[1].buf) == bytes(kids[2].buf)
     assert status(q)["state"] == "healthy"
@@ -509,19 +541,19 @@ async def test_replace_under_a_writer_ends_with_identical_children():
 async def test_replace_refuses_unknown_children_bad_spares_and_a_second_job():
     small = FlakyNode(SIZE // 2, "small")
     q, _top, _kids = await make_quorum(spares={"small": small, "ok": FlakyNode(SIZE, "ok")})
-    ctl = q.controls()["replace"]
+    replace = ctl(q, "replace")
     with pytest.raises(ControlError, match=r"'children\.7' is not one of its children"):
-        await ctl.write("children.7 ok")
+        await replace.write("children.7 ok")
     with pytest.raises(ControlError, match="no node named 'nope'"):
-        await ctl.write("children.0 nope")
+        await replace.write("children.0 nope")
     with pytest.raises(ControlError, match="its size is"):
-        await ctl.write("children.0 small")
+        await replace.write("children.0 small")
     assert small.closed
     with pytest.raises(ControlError, match="write 'OLD NEW'"):
-        await ctl.write("children.0")
-    await ctl.write("children.0 ok")
-    with pytest.raises(ControlError, match="a replace is running"):
-        await q.controls()["scrub"].write("")
+        await replace.write("children.0")
+    await replace.write("children.0 ok")
+    with pytest.raises(ControlError, match="a replace is running on node 'q'"):
+        await ctl(q, "scrub").write("")
     await q.close()
 
 
@@ -530,10 +562,28 @@ async def test_a_failing_spare_abandons_the_replace_and_the_old_child_stays():
     spare.fail_writes = True
     q, _top, kids = await make_quorum(spares={"spare": spare})
     with pytest.raises(ControlError, match="replace failed"):
-        await q.controls()["replace"].write("children.2 spare wait")
+        await ctl(q, "replace").write("children.2 spare wait")
     assert q.children["children.2"].node is kids[2]
     assert list(q.children) == ["children.0", "children.1", "children.2"]
     assert spare.closed and spare.parents == []
+
+
+async def test_a_cancelled_replace_detaches_the_spare_and_records_nothing():
+    spare = FlakyNode(16 * MiB, "spare")
+    q, disk, kids = await make_quorum(size=16 * MiB, spares={"spare": spare})
+    host = HOSTS[id(q)]
+    await disk.write(0, pattern(4, 16 * MiB))
+    await ctl(q, "replace").write("children.1 spare")
+    job = host.jobs.last_owned[("q", "replace")]
+    while job.done_bytes == 0:
+        await trio.sleep(0)
+    await host.jobs.control(disk, "cancel")  # `echo cancel > vm0/job`
+    assert job.state == "cancelled"
+    assert list(q.children) == ["children.0", "children.1", "children.2"]
+    assert q.children["children.1"].node is kids[1] and status(q)["state"] == "healthy"
+    assert spare.closed and spare.parents == [] and host.changes == []
+    await disk.write(0, b"after")  # the quorum serves on, without the spare
+    assert bytes(kids[1].buf[:5]) == b"after" and bytes(spare.buf[:5]) != b"after"
 
 
 async def test_replace_needs_a_quorum_to_copy_from():
@@ -542,7 +592,7 @@ async def test_replace_needs_a_quorum_to_copy_from():
     with pytest.raises(IOFailure):
         await top.write(0, b"x")
     with pytest.raises(ControlError, match="only 1 children in service, 2 needed"):
-        await q.controls()["replace"].write("children.0 s")
+        await ctl(q, "replace").write("children.0 s")
 
 
 # -- through a Graph: file, raw and faults children, spare from the spec ----------------
@@ -591,7 +641,9 @@ async def test_graph_replace_with_a_spare_of_the_spec(tmp_path: Path):
         await disk.write(0, data[:4096])
         assert status(q)["children"]["children.1"]["state"] == "failed"
         old = q.children["children.1"].node
-        await q.controls()["replace"].write("children.1 spare wait")
+        replace = ControlTree(graph).resolve(("vm0", "nodes", "q", "replace"))
+        assert isinstance(replace, FileEntry) and replace.write is not None
+        await replace.write("children.1 spare wait")
         assert q.children["children.1"].node is graph.nodes["spare"]
         assert old.name not in graph.nodes  # closed and forgotten
         assert faults.name not in graph.nodes
@@ -614,31 +666,29 @@ async def test_graph_spare_in_use_is_refused(tmp_path: Path):
         make_image(tmp_path / f"{name}.img", SIZE)
     graph = await Graph.open(parse_spec(GRAPH_SPEC, tmp_path / "spec.toml"))
     try:
-        q = graph.nodes["q"]
+        replace = ControlTree(graph).resolve(("vm0", "nodes", "q", "replace"))
+        assert isinstance(replace, FileEntry) and replace.write is not None
         with pytest.raises(ControlError, match="already in use"):
-            await q.controls()["replace"].write("children.1 q.children.0")
+            await replace.write("children.1 q.children.0")
     finally:
         await graph.close()
 
 
 async def test_background_work_pauses_while_the_disk_is_drained():
-    from fusedisk.graph.disk import Disk
-    from fusedisk.spec import DiskSpec
-
     q, _top, kids = await make_quorum(size=16 * MiB)
-    disk = Disk(DiskSpec("vm0", "q"), q)
+    disk = HOSTS[id(q)].disk
     await disk.write(0, pattern(2, 16 * MiB))
     kids[2].buf[15 * MiB] ^= 1
-    await q.controls()["scrub"].write("")
+    await ctl(q, "scrub").write("")
     await trio.sleep(0)
     async with disk.drained():
-        job = q.scrub_job
+        job = HOSTS[id(q)].jobs.last_owned[("q", "scrub")]
         assert job is not None and job.state == "running"
         before = job.done_bytes
         for _ in range(50):
             await trio.sleep(0)
         assert job.done_bytes == before
-    await q.controls()["scrub"].write("wait")
+    await ctl(q, "scrub").write("wait")
     assert bytes(kids[2].buf) == pattern(2, 16 * MiB)
     assert kids[0].flushes >= 1  # the drain flushed through the quorum
 

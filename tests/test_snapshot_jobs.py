@@ -14,8 +14,8 @@ import threading
 import pytest
 import trio
 
+from fusedisk.graph.commit import start_commit
 from fusedisk.graph.graph import Graph
-from fusedisk.graph.jobs import Jobs, start_commit
 from fusedisk.graph.snapshot import take_snapshot
 from fusedisk.spec import parse_spec
 from tests.conftest import needs, write_at
@@ -329,7 +329,7 @@ async def _until(job, done_bytes: int) -> None:
 
 async def test_writes_to_ranges_already_copied_reach_the_base(tmp_path, images):
     graph, disk = await _graph_with_a_snapshot(tmp_path, images)
-    job = await start_commit(graph, disk, Jobs(graph), "")
+    job = await start_commit(graph, disk, "")
     await _until(job, 4 * MiB)
     assert job.state == "running"
     await disk.write(0, b"C" * MiB)  # copied already: the final pass must copy it again
@@ -346,15 +346,15 @@ async def test_writes_to_ranges_already_copied_reach_the_base(tmp_path, images):
 
 async def test_a_commit_cancelled_midway_changes_nothing_and_can_run_again(tmp_path, images):
     graph, disk = await _graph_with_a_snapshot(tmp_path, images)
-    jobs = Jobs(graph)
-    job = await start_commit(graph, disk, jobs, "")
+    jobs = graph.jobs
+    job = await start_commit(graph, disk, "")
     await _until(job, 2 * MiB)
     await jobs.control(disk, "cancel")
     assert job.state == "cancelled"
     assert disk.top.name == "d0.s1" and graph.nodes["d0"].read_only
     assert graph.nodes["d0.file"].read_only
     assert await disk.read(0, 8 * MiB) == b"B" * (8 * MiB)
-    job = await start_commit(graph, disk, jobs, "")
+    job = await start_commit(graph, disk, "")
     await jobs.control(disk, "wait")
     assert disk.top.name == "d0" and not graph.nodes["d0"].read_only
     assert await disk.read(0, 8 * MiB) == b"B" * (8 * MiB)

@@ -27,26 +27,18 @@ one that arrives meanwhile waits and lands after the copy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fusedisk.errors import OpenError
+from fusedisk.graph.copy import copy_chunks, write_data
+from fusedisk.graph.disk import is_zero
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Status
-from fusedisk.graph.node import Filter, Node, Role
+from fusedisk.graph.node import Filter, Node, NodeContext, Role
 from fusedisk.graph.options import Option, option_table
 
 log = logging.getLogger("fusedisk")
-
-_ZEROES = bytes(1 << 16)
-
-
-def _is_zero(data: memoryview) -> bool:
-    for start in range(0, len(data), len(_ZEROES)):
-        chunk = data[start : start + len(_ZEROES)]
-        if chunk != _ZEROES[: len(chunk)]:
-            return False
-    return True
-
 
 def _skip_filters(node: Node) -> Node:
     """The first node at or below `node` that is not a filter (follows FILTERED edges)."""
@@ -93,14 +85,24 @@ class CopyOnReadNode(Filter):
         ),
     )
 
-    async def open(self) -> None:
-        await super().open()
+    def __init__(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        children: Mapping[str, Node | list[Node]],
+        context: NodeContext,
+    ) -> None:
+        super().__init__(name, options, children, context)
         self._gate = RangeLock()
         self.copy_ops = 0
         self.copied_bytes = 0
         self.zero_copies = 0
         self.skipped_bytes = 0  # newer guest data arrived first
         self._warned_bottom = False
+        self._opened = False
+
+    async def open(self) -> None:
+        await super().open()
         bottom = self.options.get("bottom")
         if bottom:
             top = _skip_filters(self.filtered.node)
@@ -117,6 +119,7 @@ class CopyOnReadNode(Filter):
                     f"node '{self.name}': option 'bottom': node '{bottom}' is not in the "
                     f"backing chain below the top image ({shown})"
                 )
+        self._opened = True
 
     def _chain(self) -> list[Edge]:
         """Backing edges below the top image, down to `bottom` (inclusive) or the end."""
@@ -129,7 +132,7 @@ class CopyOnReadNode(Filter):
                 return edges
             edge = _backing_edge(edge.node)
         if bottom:
-            if not self._warned_bottom and hasattr(self, "_gate"):
+            if not self._warned_bottom and self._opened:
                 log.warning(
                     "node '%s': option 'bottom': node '%s' is no longer in the backing "
                     "chain; nothing is copied",
@@ -192,15 +195,16 @@ class CopyOnReadNode(Filter):
             self.skipped_bytes += sum(e - s for s, e in ranges) - sum(e - s for s, e in copies)
             data = await self.filtered.read(offset, length)
             view = memoryview(data)
-            for start, end in copies:
-                chunk = view[start - offset : end - offset]
-                if _is_zero(chunk):
-                    await self.filtered.write_zeroes(start, end - start, False)
+
+            async def copy(start: int, n: int) -> None:
+                chunk = view[start - offset : start - offset + n]
+                if is_zero(chunk):
                     self.zero_copies += 1
-                else:
-                    await self.filtered.write(start, bytes(chunk))
+                await write_data(self.filtered, start, chunk)
                 self.copy_ops += 1
-                self.copied_bytes += end - start
+
+            # the graph's one copy loop; this read already holds the range's lock
+            await copy_chunks(copies, copy, progress=self._progress, chunk=len(data) or 1)
         finally:
             self._gate.release(token)
         return data
@@ -226,10 +230,29 @@ class CopyOnReadNode(Filter):
         finally:
             self._gate.release(token)
 
+    @property
+    def _progress(self) -> _Copied:
+        return _Copied(self)
+
     def driver_stats(self) -> dict[str, Any]:
         return {
-            "copy_ops": getattr(self, "copy_ops", 0),
-            "copied_bytes": getattr(self, "copied_bytes", 0),
-            "zero_copies": getattr(self, "zero_copies", 0),
-            "skipped_bytes": getattr(self, "skipped_bytes", 0),
+            "copy_ops": self.copy_ops,
+            "copied_bytes": self.copied_bytes,
+            "zero_copies": self.zero_copies,
+            "skipped_bytes": self.skipped_bytes,
         }
+
+
+class _Copied:
+    """Counts the copy loop's progress into the node's `copied_bytes`."""
+
+    def __init__(self, node: CopyOnReadNode) -> None:
+        self.node = node
+
+    @property
+    def done_bytes(self) -> int:
+        return self.node.copied_bytes
+
+    @done_bytes.setter
+    def done_bytes(self, value: int) -> None:
+        self.node.copied_bytes = value

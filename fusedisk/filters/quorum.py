@@ -31,10 +31,11 @@ succeed.  A child whose write, write-zeroes or flush fails leaves service
 written until it is replaced.  Discard is done as write-zeroes with unmap on
 every child, so the siblings keep reading the same bytes.
 
-Background jobs (scrub, replace) run one at a time in a trio system task
-owned by the node; `close` cancels a running one.  They work chunk by chunk
-under the range lock, yielding between chunks, and pause while the disk is
-drained for a graph change.
+Scrub and replace are jobs of the graph engine (graph/children.py): the node
+only offers its ChildSet capability (a vote-and-repair step, a resync step,
+and attach / detach / promote / demote of a child); the graph's copy loop runs
+the steps chunk by chunk under this node's range lock, and the switch to a
+new child is a graph transaction under drain, recorded in the change log.
 
 Child states: healthy (in service, no trouble seen), degraded (in service,
 has returned errors or wrong data), failed (out of service), resyncing (a
@@ -47,221 +48,36 @@ from __future__ import annotations
 import errno as _errno
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 
 import trio
-import xxhash
 
-from fusedisk.errors import ControlError, FuseDiskError, IOFailure, OpenError
+from fusedisk.errors import ControlError, IOFailure, OpenError
+from fusedisk.filters.quorum_children import QuorumChildren
+from fusedisk.filters.quorum_vote import (
+    DEGRADED,
+    FAILED,
+    HEALTHY,
+    VOTE_BLOCK,
+    ChildState,
+    Range,
+    Verdict,
+    vote,
+    zero_majority,
+)
 from fusedisk.graph.edge import Edge, RangeLock
-from fusedisk.graph.extents import Extent, Status, merge_extents
-from fusedisk.graph.node import ChildSlot, Control, GraphOp, Node, NodeContext, Role
+from fusedisk.graph.extents import Extent
+from fusedisk.graph.node import ChildSet, ChildSlot, Control, GraphOp, Node, NodeContext, Role
 from fusedisk.graph.options import REQUIRED, Option, option_table
 
 log = logging.getLogger("fusedisk")
 
-#: the unit of a vote: children are compared and repaired in blocks of this size
-VOTE_BLOCK = 4096
-#: the unit of background work (scrub, resync): held under the range lock
-JOB_CHUNK = 1 << 20
 #: concurrent (nursery) requests after which children are probed again (see _each)
 PROBE_EVERY = 4096
 #: per child, read errors (and votes lost) logged before the rest are only counted
 READ_ERRORS_LOGGED = 5
 MISMATCHES_LOGGED = 20
-
-HEALTHY = "healthy"
-DEGRADED = "degraded"
-FAILED = "failed"
-RESYNCING = "resyncing"
-
-Range = tuple[int, int]  # (offset, length)
-
-
-# -- the vote (pure: no I/O) ---------------------------------------------------
-
-
-@dataclass
-class Verdict:
-    """The result of voting on one range read from several children.
-
-    `wrong` holds, per child that answered, the ranges where it lost the vote;
-    `undecided` the ranges no group won.  Children that failed to answer are
-    not in `wrong`: the caller knows them.
-    """
-
-    offset: int
-    length: int
-    data: bytes  # the winning bytes; undecided ranges hold zeroes
-    wrong: dict[str, list[Range]] = field(default_factory=dict)
-    undecided: list[Range] = field(default_factory=list)
-
-    def decided(self) -> list[Range]:
-        """The complement of `undecided` within the range."""
-        out: list[Range] = []
-        pos = self.offset
-        for off, n in self.undecided:
-            if off > pos:
-                out.append((pos, off - pos))
-            pos = off + n
-        if pos < self.offset + self.length:
-            out.append((pos, self.offset + self.length - pos))
-        return out
-
-
-def _add_range(ranges: list[Range], off: int, n: int) -> None:
-    """Append, merging with the previous range when contiguous."""
-    if ranges and ranges[-1][0] + ranges[-1][1] == off:
-        ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
-    else:
-        ranges.append((off, n))
-
-
-def vote(
-    offset: int, results: Mapping[str, bytes], threshold: int, block: int = VOTE_BLOCK
-) -> Verdict:
-    """Vote per `block` (aligned to absolute offsets) among the children's results.
-
-    A block's winner is the largest group of identical contents if it has at
-    least `threshold` members and no other group is as large.
-    """
-    names = list(results)
-    length = len(results[names[0]]) if names else 0
-    if len(names) < threshold or not names:
-        return Verdict(offset, length, bytes(length), {}, [(offset, length)] if length else [])
-    first = results[names[0]]
-    if all(results[n] == first for n in names[1:]):
-        return Verdict(offset, length, first)
-    verdict = Verdict(offset, length, b"")
-    out = bytearray(length)
-    end = offset + length
-    pos = offset
-    while pos < end:
-        stop = min(end, (pos // block + 1) * block)
-        a, b = pos - offset, stop - offset
-        pieces = {n: results[n][a:b] for n in names}
-        p0 = pieces[names[0]]
-        if all(pieces[n] == p0 for n in names[1:]):
-            out[a:b] = p0
-            pos = stop
-            continue
-        groups: dict[int, list[str]] = {}
-        for n in names:
-            groups.setdefault(xxhash.xxh3_128_intdigest(pieces[n]), []).append(n)
-        ranked = sorted(groups.values(), key=len, reverse=True)
-        best = ranked[0]
-        if len(best) >= threshold and (len(ranked) == 1 or len(ranked[1]) < len(best)):
-            out[a:b] = pieces[best[0]]
-            for group in ranked[1:]:
-                for n in group:
-                    _add_range(verdict.wrong.setdefault(n, []), pos, stop - pos)
-        else:
-            _add_range(verdict.undecided, pos, stop - pos)
-        pos = stop
-    # Where one child won everywhere, its bytes are the answer: no copy.
-    if not verdict.undecided:
-        for n in names:
-            if n not in verdict.wrong:
-                verdict.data = results[n]
-                return verdict
-    verdict.data = bytes(out)
-    return verdict
-
-
-def zero_majority(
-    offset: int, length: int, answers: list[list[Extent]], threshold: int, voters: int
-) -> list[Extent]:
-    """Block status of the quorum: a piece reads as zeroes only where at least
-    `threshold` children, and more than half of the voters, say so."""
-    end = offset + length
-    cuts = {offset, end}
-    for extents in answers:
-        for e in extents:
-            cuts.update(c for c in (e.offset, e.end) if offset < c < end)
-    points = sorted(cuts)
-    out: list[Extent] = []
-    for start, stop in pairwise(points):
-        votes = 0
-        for extents in answers:
-            for e in extents:
-                if e.offset <= start and stop <= e.end:
-                    if e.status & Status.ZERO:
-                        votes += 1
-                    break
-        zero = votes >= threshold and votes * 2 > voters
-        status = (Status.ZERO if zero else Status.DATA) | Status.ALLOCATED
-        out.append(Extent(start, stop - start, status))
-    return merge_extents(out)
-
-
-# -- per-child bookkeeping -------------------------------------------------------
-
-
-@dataclass
-class ChildState:
-    state: str = HEALTHY
-    read_errors: int = 0
-    write_errors: int = 0
-    flush_errors: int = 0
-    mismatches: int = 0
-    bytes_rewritten: int = 0
-    last_error: str = ""
-    mismatch_events: int = 0  # votes this child lost (to limit the log)
-
-    @property
-    def votes(self) -> bool:
-        return self.state in (HEALTHY, DEGRADED)
-
-    @property
-    def written(self) -> bool:
-        return self.state != FAILED
-
-    def as_dict(self, node: str) -> dict[str, Any]:
-        return {
-            "node": node,
-            "state": self.state,
-            "read_errors": self.read_errors,
-            "write_errors": self.write_errors,
-            "flush_errors": self.flush_errors,
-            "mismatches": self.mismatches,
-            "bytes_rewritten": self.bytes_rewritten,
-            "last_error": self.last_error,
-        }
-
-
-@dataclass
-class Job:
-    """A background scrub or replacement, as its control file shows it."""
-
-    kind: str  # "scrub" | "replace"
-    total: int
-    state: str = "running"  # running | done | failed | cancelled
-    done_bytes: int = 0
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-    error: str = ""
-    detail: dict[str, Any] = field(default_factory=dict)
-    #: guest writes that reached a child being resynced (replace)
-    writes_mirrored: int = 0
-    over: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-    def as_dict(self) -> dict[str, Any]:
-        end = self.finished if self.finished is not None else time.time()
-        return {
-            "state": self.state,
-            "progress": round(self.done_bytes / self.total, 4) if self.total else 1.0,
-            "done_bytes": self.done_bytes,
-            "total_bytes": self.total,
-            "elapsed": round(end - self.started, 3),
-            "error": self.error,
-            **self.detail,
-            **({"guest_writes_mirrored": self.writes_mirrored} if self.kind == "replace" else {}),
-        }
 
 
 # -- the node ---------------------------------------------------------------------
@@ -309,21 +125,11 @@ class QuorumNode(Node):
         self.child_state: dict[str, ChildState] = {}
         self.quorum_losses = 0
         self.last_quorum_loss = ""
-        self._lock = RangeLock()
+        #: guest writes take it per range; a scrub or resync chunk holds it (graph/copy.py)
+        self.copy_lock = RangeLock()
+        self._children_set = QuorumChildren(self)
         self._yielding: set[str] = set()  # children seen yielding to trio (see _each)
         self._concurrent_requests = 0
-        # node-local gate, closed only for the instant a child is swapped
-        self._gate: trio.Event | None = None
-        self._idle: trio.Event | None = None
-        self._in_flight = 0
-        # background work
-        self.scrub_job: Job | None = None
-        self.replace_job: Job | None = None
-        self._job: Job | None = None
-        self._drains = 0
-        self._drain_over = trio.Event()
-        self._chunk_idle = trio.Event()
-        self._chunk_idle.set()
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -351,23 +157,6 @@ class QuorumNode(Node):
         self.size = edges[0].node.size
         self.request_alignment = max(e.node.request_alignment for e in edges)
         self.child_state = {e.name: ChildState() for e in edges}
-
-    async def close(self) -> None:
-        job = self._job
-        if job is not None:
-            job.scope.cancel()
-            await job.over.wait()
-
-    def begin_drain(self) -> None:
-        """Background jobs stop between chunks while the disk is drained."""
-        self._drains += 1
-        if self._drains == 1:
-            self._drain_over = trio.Event()
-
-    def end_drain(self) -> None:
-        self._drains -= 1
-        if self._drains == 0:
-            self._drain_over.set()
 
     async def apply_option(self, name: str, value: Any) -> None:
         if name == "rewrite-corrupted" and value and self.fifo:
@@ -413,39 +202,6 @@ class QuorumNode(Node):
         self.last_quorum_loss = f"{what}: {detail}"
         log.error("node '%s': quorum lost: %s: %s", self.name, what, detail)
         return IOFailure(f"node '{self.name}': quorum lost: {what}: {detail}", _errno.EIO)
-
-    # -- the node-local gate (closed only while a child is swapped) ------------------
-
-    async def _enter(self) -> None:
-        while self._gate is not None:
-            await self._gate.wait()
-        self._in_flight += 1
-
-    def _leave(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0 and self._idle is not None:
-            self._idle.set()
-
-    async def _quiesce(self) -> trio.Event:
-        """Close the gate and wait for requests in flight; set the result to reopen."""
-        while self._gate is not None:
-            await self._gate.wait()
-        reopen = trio.Event()
-        self._gate = reopen
-        try:
-            if self._in_flight:
-                self._idle = trio.Event()
-                await self._idle.wait()
-        except BaseException:
-            self._reopen(reopen)  # cancelled: never leave the gate closed
-            raise
-        finally:
-            self._idle = None
-        return reopen
-
-    def _reopen(self, reopen: trio.Event) -> None:
-        self._gate = None
-        reopen.set()
 
     # -- running a request on several children -------------------------------------
 
@@ -494,13 +250,9 @@ class QuorumNode(Node):
         return results
 
     async def read(self, offset: int, length: int) -> bytes:
-        await self._enter()
-        try:
-            if self.fifo:
-                return await self._read_fifo(offset, length)
-            return await self._read_quorum(offset, length)
-        finally:
-            self._leave()
+        if self.fifo:
+            return await self._read_fifo(offset, length)
+        return await self._read_quorum(offset, length)
 
     async def _read_fifo(self, offset: int, length: int) -> bytes:
         what = f"read {offset}+{length}"
@@ -530,13 +282,13 @@ class QuorumNode(Node):
                         self._read_error(edge, what, results[edge.name])
                 return good[0]
         # Errors or disagreement: decide under the range lock, with a fresh read.
-        token = await self._lock.acquire(offset, offset + length)
+        token = await self.copy_lock.acquire(offset, offset + length)
         try:
             verdict = await self._vote_locked(
                 self._voters(), offset, length, what, self.options.get("rewrite-corrupted", False)
             )
         finally:
-            self._lock.release(token)
+            self.copy_lock.release(token)
         if verdict.undecided:
             raise self._quorum_lost(what, self._describe_undecided(verdict))
         return verdict.data
@@ -631,8 +383,8 @@ class QuorumNode(Node):
                 self._child_failed(edge, what, e)
             else:
                 ok.append(edge.name)
-                if edge.name not in voting and self.replace_job is not None:
-                    self.replace_job.writes_mirrored += 1
+                if edge.name not in voting:
+                    self.child_state[edge.name].writes_mirrored += 1
 
         await self._each(targets, one)
         done = sum(1 for name in ok if name in voting)
@@ -642,15 +394,11 @@ class QuorumNode(Node):
     async def _locked_fan_out(
         self, offset: int, length: int, what: str, request: Callable[[Edge], Awaitable[None]]
     ) -> None:
-        await self._enter()
+        token = await self.copy_lock.acquire(offset, offset + length)
         try:
-            token = await self._lock.acquire(offset, offset + length)
-            try:
-                await self._fan_out(what, "write", request)
-            finally:
-                self._lock.release(token)
+            await self._fan_out(what, "write", request)
         finally:
-            self._leave()
+            self.copy_lock.release(token)
 
     async def write(self, offset: int, data: bytes) -> None:
         await self._locked_fan_out(
@@ -677,21 +425,10 @@ class QuorumNode(Node):
         )
 
     async def flush(self) -> None:
-        await self._enter()
-        try:
-            if self._drains:
-                # the disk is draining: let a background chunk in progress end first
-                await self._chunk_idle.wait()
-            await self._fan_out("flush", "flush", lambda e: e.flush())
-        finally:
-            self._leave()
+        await self._fan_out("flush", "flush", lambda e: e.flush())
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        await self._enter()
-        try:
-            return await self._block_status(offset, length, majority=True)
-        finally:
-            self._leave()
+        return await self._block_status(offset, length, majority=True)
 
     async def _block_status(self, offset: int, length: int, majority: bool) -> list[Extent]:
         """Voted block status; with majority=False a piece is zero only if every
@@ -711,234 +448,10 @@ class QuorumNode(Node):
         n = len(voters)
         return zero_majority(offset, length, answers, max(n, 1), 1 if n else 0)
 
-    # -- background jobs ------------------------------------------------------------
+    # -- the ChildSet capability: scrub and replace run as graph jobs ------------------
 
-    def _start_job(self, job: Job, body: Callable[[Job], Awaitable[None]]) -> None:
-        if self._job is not None:
-            raise ControlError(
-                f"node '{self.name}': a {self._job.kind} is running; wait for it to end"
-            )
-        self._job = job
-
-        async def run() -> None:
-            try:
-                with job.scope:
-                    await body(job)
-                    job.state = "done"
-                if job.state == "running":
-                    job.state = "cancelled"
-                    job.error = "cancelled (the disk was unmounted)"
-            except FuseDiskError as e:
-                job.state, job.error = "failed", str(e)
-                log.error("node '%s': %s failed: %s", self.name, job.kind, e)
-            except Exception as e:
-                job.state, job.error = "failed", f"{type(e).__name__}: {e}"
-                log.exception("node '%s': %s failed", self.name, job.kind)
-            finally:
-                job.finished = time.time()
-                self._chunk_idle.set()
-                self._job = None
-                job.over.set()
-
-        trio.lowlevel.spawn_system_task(run, name=f"quorum {self.name} {job.kind}")
-
-    async def _next_chunk(self, offset: int) -> tuple[int, int, Any]:
-        """Wait for any drain to end, then lock the chunk at `offset`."""
-        await trio.lowlevel.checkpoint()  # let guest requests in between chunks
-        while self._drains:
-            await self._drain_over.wait()
-        n = min(JOB_CHUNK, self.size - offset)
-        token = await self._lock.acquire(offset, offset + n)
-        self._chunk_idle = trio.Event()
-        return offset, n, token
-
-    def _end_chunk(self, token: Any) -> None:
-        self._lock.release(token)
-        self._chunk_idle.set()
-
-    # scrub
-
-    async def _scrub(self, job: Job) -> None:
-        job.detail.update(
-            {"mismatched_ranges": 0, "bytes_rewritten": 0, "read_errors": 0, "unrecoverable": []}
-        )
-        rewritten_before = sum(s.bytes_rewritten for s in self.child_state.values())
-        pos = 0
-        while pos < self.size:
-            off, n, token = await self._next_chunk(pos)
-            try:
-                voters = self._voters()
-                if len(voters) < self.threshold:
-                    raise self._quorum_lost(
-                        f"scrub {off}+{n}",
-                        f"{len(voters)} children in service, {self.threshold} needed",
-                    )
-                for ext in await self._block_status(off, n, majority=False):
-                    if ext.status & Status.ZERO:
-                        continue  # every voter reads zeroes here
-                    errors_before = sum(s.read_errors for s in self.child_state.values())
-                    verdict = await self._vote_locked(
-                        voters, ext.offset, ext.length, f"scrub {ext.offset}+{ext.length}", True
-                    )
-                    job.detail["read_errors"] += (
-                        sum(s.read_errors for s in self.child_state.values()) - errors_before
-                    )
-                    job.detail["mismatched_ranges"] += sum(len(r) for r in verdict.wrong.values())
-                    if verdict.undecided:
-                        self._quorum_lost(
-                            f"scrub {ext.offset}+{ext.length}", self._describe_undecided(verdict)
-                        )
-                        lost = job.detail["unrecoverable"]
-                        lost.extend(f"{o}+{k}" for o, k in verdict.undecided[: 64 - len(lost)])
-            finally:
-                self._end_chunk(token)
-            pos = off + n
-            job.done_bytes = pos
-            job.detail["bytes_rewritten"] = (
-                sum(s.bytes_rewritten for s in self.child_state.values()) - rewritten_before
-            )
-
-    # replace
-
-    def _find_child(self, ref: str) -> Edge:
-        slots = [e for e in self.children.values() if self.child_state[e.name].state != RESYNCING]
-        for edge in slots:
-            if ref in (edge.name, edge.node.name):
-                return edge
-        names = ", ".join(f"{e.name} ('{e.node.name}')" for e in slots)
-        raise ControlError(
-            f"node '{self.name}': replace: '{ref}' is not one of its children: {names}"
-        )
-
-    async def _start_replace(self, old_ref: str, new_name: str) -> Job:
-        if self._job is not None:
-            raise ControlError(
-                f"node '{self.name}': a {self._job.kind} is running; wait for it to end"
-            )
-        if self.read_only:
-            raise ControlError(f"node '{self.name}' is read-only; it cannot resync a child")
-        old = self._find_child(old_ref)
-        # The old child keeps serving (if it still can) until the new one is in
-        # sync, so the resync needs a quorum of the children in service now.
-        if len(self._voters()) < self.threshold:
-            raise ControlError(
-                f"node '{self.name}': replace: only {len(self._voters())} children in service, "
-                f"{self.threshold} needed to resync a new one"
-            )
-        try:
-            new = await self.context.open_spare(new_name)
-        except FuseDiskError as e:
-            raise ControlError(f"node '{self.name}': replace: {e}") from None
-        problem = ""
-        if new.size != self.size:
-            problem = f"its size is {new.size} bytes, the quorum's {self.size}"
-        elif new.read_only:
-            problem = "it is read-only"
-        if problem:
-            await self._close_detached(new)
-            raise ControlError(f"node '{self.name}': replace: spare '{new_name}': {problem}")
-        if self._job is not None:  # started while the spare was opening
-            await self._close_detached(new)
-            raise ControlError(
-                f"node '{self.name}': a {self._job.kind} is running; wait for it to end"
-            )
-        temp = f"{old.name}.new"
-        self.child_state[temp] = ChildState(state=RESYNCING)
-        self.add_child(temp, Role.CHILDREN, new)
-        log.info(
-            "node '%s': replacing %s ('%s') with '%s': resync started",
-            self.name, old.name, old.node.name, new.name,
-        )  # fmt: skip
-        job = Job(
-            "replace",
-            self.size,
-            detail={"child": old.name, "old": old.node.name, "new": new.name},
-        )
-        self.replace_job = job
-        self._start_job(job, lambda j: self._resync(j, old, self.children[temp]))
-        return job
-
-    def _check_new_child(self, temp: Edge) -> None:
-        st = self.child_state[temp.name]
-        if st.state == FAILED:
-            raise IOFailure(
-                f"node '{self.name}': replace: the new child '{temp.node.name}' failed: "
-                f"{st.last_error}"
-            )
-
-    async def _resync(self, job: Job, old: Edge, temp: Edge) -> None:
-        try:
-            pos = 0
-            while pos < self.size:
-                off, n, token = await self._next_chunk(pos)
-                try:
-                    self._check_new_child(temp)
-                    voters = self._voters()
-                    for ext in await self._block_status(off, n, majority=True):
-                        if ext.status & Status.ZERO:
-                            await temp.write_zeroes(ext.offset, ext.length, True)
-                            continue
-                        what = f"resync {ext.offset}+{ext.length}"
-                        verdict = await self._vote_locked(
-                            voters, ext.offset, ext.length, what,
-                            bool(self.options.get("rewrite-corrupted")),
-                        )  # fmt: skip
-                        if verdict.undecided:
-                            raise self._quorum_lost(what, self._describe_undecided(verdict))
-                        await temp.write(ext.offset, verdict.data)
-                finally:
-                    self._end_chunk(token)
-                pos = off + n
-                job.done_bytes = pos
-            await temp.flush()
-            while self._drains:  # no swap in the middle of a graph change
-                await self._drain_over.wait()
-            # Swap: the slot's edge points to the new node, its state starts afresh.
-            reopen = await self._quiesce()
-            try:
-                self._check_new_child(temp)  # a guest write may have failed on it
-                old_node = old.node
-                new_node = temp.node
-                # Durable before it is made: the next mount opens the new child.
-                self.context.record_change(
-                    {"op": "replace", "parent": self.name, "old": old_node.name,
-                     "new": new_node.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                )  # fmt: skip
-                del self.children[temp.name]
-                del self.child_state[temp.name]
-                temp.detach()
-                old.replace(new_node)
-                self.child_state[old.name] = ChildState()
-            finally:
-                self._reopen(reopen)
-        except BaseException as e:
-            # the old child stays; the spare goes
-            if self.children.get(temp.name) is temp:
-                with trio.CancelScope(shield=True):
-                    await self._drop_edge(temp)
-            if not isinstance(e, trio.Cancelled):
-                log.error("node '%s': replace of %s abandoned: %s", self.name, old.name, e)
-            raise
-        log.info(
-            "node '%s': %s is now '%s' (resynced); '%s' detached",
-            self.name, old.name, new_node.name, old_node.name,
-        )  # fmt: skip
-        with trio.CancelScope(shield=True):
-            await self._close_detached(old_node)
-
-    async def _drop_edge(self, edge: Edge) -> None:
-        reopen = await self._quiesce()
-        try:
-            self.children.pop(edge.name, None)
-            self.child_state.pop(edge.name, None)
-            edge.detach()
-        finally:
-            self._reopen(reopen)
-        await self._close_detached(edge.node)
-
-    async def _close_detached(self, node: Node) -> None:
-        """Flush and close a node (and its subtree) that left the graph."""
-        await self.context.remove_node(node)
+    def child_set(self) -> ChildSet:
+        return self._children_set
 
     # -- control files -----------------------------------------------------------------
 
@@ -963,64 +476,14 @@ class QuorumNode(Node):
                 e.name: self.child_state[e.name].as_dict(e.node.name)
                 for e in self.children.values()
             },
-            "job": self._job.kind if self._job is not None else None,
         }
 
     def _read_status(self) -> str:
         return json.dumps(self.status(), indent=2, sort_keys=True) + "\n"
 
-    def _read_scrub(self) -> str:
-        job = self.scrub_job
-        out = {"state": "never run"} if job is None else job.as_dict()
-        return json.dumps(out, indent=2, sort_keys=True) + "\n"
-
-    def _read_replace(self) -> str:
-        job = self.replace_job
-        out = {"state": "never run"} if job is None else job.as_dict()
-        return json.dumps(out, indent=2, sort_keys=True) + "\n"
-
-    async def _write_scrub(self, text: str) -> None:
-        words = text.split()
-        wait = "wait" in words
-        if self._job is not None and self._job.kind == "scrub" and wait:
-            job = self._job
-        else:
-            job = Job("scrub", self.size)
-            self._start_job(job, self._scrub)
-            self.scrub_job = job
-            log.info("node '%s': scrub started", self.name)
-        if wait:
-            await job.over.wait()
-            if job.state != "done":
-                raise ControlError(f"node '{self.name}': scrub {job.state}: {job.error}")
-
-    async def _write_replace(self, text: str) -> None:
-        words = text.split()
-        wait = len(words) == 3 and words[2] == "wait"
-        if len(words) != 2 and not wait:
-            raise ControlError(
-                f"node '{self.name}': replace: write 'OLD NEW' (OLD a child such as "
-                f"children.1 or its node name, NEW a spare node of the spec), got {text!r}"
-            )
-        job = await self._start_replace(words[0], words[1])
-        if wait:
-            await job.over.wait()
-            if job.state != "done":
-                raise ControlError(f"node '{self.name}': replace {job.state}: {job.error}")
-
     def controls(self) -> dict[str, Control]:
         return {
             "status": Control(self._read_status, None, "per-child state and error counters (JSON)"),
-            "scrub": Control(
-                self._read_scrub,
-                self._write_scrub,
-                "write: start a scrub (add 'wait' to block until it ends); read: progress",
-            ),
-            "replace": Control(
-                self._read_replace,
-                self._write_replace,
-                "write 'OLD NEW [wait]': resync spare NEW from the quorum, then swap it for OLD",
-            ),
         }
 
     def driver_stats(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import trio
 
-from fusedisk.errors import ControlError, OpenError
+from fusedisk.errors import ControlError, NotSupported, OpenError
 from fusedisk.filters.leaky_bucket import (
     NS_PER_S,
     OPTION_NAMES,
@@ -43,7 +43,7 @@ from fusedisk.filters.leaky_bucket import (
     ThrottleConfigError,
     ThrottleState,
 )
-from fusedisk.graph.node import Filter
+from fusedisk.graph.node import Filter, Node, NodeContext
 from fusedisk.graph.options import Option, OptionValueError, option_table
 
 _HELP = {
@@ -337,8 +337,26 @@ class ThrottleNode(Filter):
     )
     spec_sections: ClassVar[dict[str, Mapping[str, Option]]] = {"throttle-groups": LIMIT_OPTIONS}
 
-    group: ThrottleGroup
-    member: Member
+    def __init__(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        children: Mapping[str, Node | list[Node]],
+        context: NodeContext,
+    ) -> None:
+        super().__init__(name, options, children, context)
+        #: the budget it draws from (its own, or a shared group) and its place in it; open() joins
+        self.group: ThrottleGroup | None = None
+        self.member: Member | None = None
+
+    def _joined(self) -> tuple[ThrottleGroup, Member]:
+        if self.group is None or self.member is None:
+            raise NotSupported(f"node '{self.name}' (throttle) is not open")
+        return self.group, self.member
+
+    async def _throttle(self, direction: Direction, nbytes: int) -> None:
+        group, member = self._joined()
+        await group.intercept(member, direction, nbytes)
 
     @property
     def group_name(self) -> str | None:
@@ -350,12 +368,12 @@ class ThrottleNode(Filter):
         group_name = self.group_name
         if group_name is None:
             try:
-                self.group = ThrottleGroup(self.name, self.options, label=f"node '{self.name}'")
+                group = ThrottleGroup(self.name, self.options, label=f"node '{self.name}'")
             except ThrottleConfigError as e:
                 raise OpenError(f"node '{self.name}': {e}") from None
         else:
-            self.group = self._shared_group(group_name)
-        self.member = self.group.join(self.name)
+            group = self._shared_group(group_name)
+        self.group, self.member = group, group.join(self.name)
 
     def _shared_group(self, group_name: str) -> ThrottleGroup:
         for name in OPTION_NAMES:
@@ -388,25 +406,25 @@ class ThrottleNode(Filter):
         return group
 
     async def close(self) -> None:
-        if hasattr(self, "member"):
+        if self.group is not None and self.member is not None:
             self.group.leave(self.member)
 
     # -- requests -----------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        await self.group.intercept(self.member, Direction.READ, length)
+        await self._throttle(Direction.READ, length)
         return await self.filtered.read(offset, length)
 
     async def write(self, offset: int, data: bytes) -> None:
-        await self.group.intercept(self.member, Direction.WRITE, len(data))
+        await self._throttle(Direction.WRITE, len(data))
         await self.filtered.write(offset, data)
 
     async def discard(self, offset: int, length: int) -> None:
-        await self.group.intercept(self.member, Direction.WRITE, length)
+        await self._throttle(Direction.WRITE, length)
         await self.filtered.discard(offset, length)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        await self.group.intercept(self.member, Direction.WRITE, length)
+        await self._throttle(Direction.WRITE, length)
         await self.filtered.write_zeroes(offset, length, unmap)
 
     # flush, block_status and truncate are forwarded unthrottled by Filter.
@@ -415,10 +433,12 @@ class ThrottleNode(Filter):
 
     def begin_drain(self) -> None:
         """Let this node's queued and new requests pass unthrottled until end_drain()."""
-        self.group.set_draining(self.member, True)
+        group, member = self._joined()
+        group.set_draining(member, True)
 
     def end_drain(self) -> None:
-        self.group.set_draining(self.member, False)
+        group, member = self._joined()
+        group.set_draining(member, False)
 
     @asynccontextmanager
     async def draining(self) -> AsyncIterator[None]:
@@ -432,20 +452,21 @@ class ThrottleNode(Filter):
 
     def option_values(self) -> dict[str, str]:
         values = super().option_values()
-        if hasattr(self, "group"):
+        if self.group is not None:
             values.update(self.group.option_values())  # a member shows its group's limits
         return values
 
     async def apply_option(self, name: str, value: Any) -> None:
         if name not in LIMIT_OPTIONS:
             return
+        group, _ = self._joined()
         try:
-            self.group.change(name, value)
+            group.change(name, value)
         except ThrottleConfigError as e:
-            where = f" (throttle group '{self.group.name}')" if self.group_name else ""
+            where = f" (throttle group '{group.name}')" if self.group_name else ""
             raise ControlError(f"node '{self.name}'{where}: {e}") from None
 
     def driver_stats(self) -> dict[str, Any]:
-        out = self.member.stats_dict() if hasattr(self, "member") else {}
+        out = self.member.stats_dict() if self.member is not None else {}
         out["throttle_group"] = self.group_name
         return out

@@ -26,11 +26,15 @@ from functools import partial
 from typing import Any
 
 from fusedisk import metrics
+from fusedisk.graph.children import start_replace, start_scrub
+from fusedisk.graph.commit import start_commit
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
-from fusedisk.graph.jobs import revert, start_commit, start_stream
+from fusedisk.graph.jobs import Job
 from fusedisk.graph.node import GraphOp, Node
+from fusedisk.graph.revert import revert
 from fusedisk.graph.snapshot import list_snapshots, take_snapshot
+from fusedisk.graph.stream import start_stream
 
 
 class Entry:
@@ -120,17 +124,16 @@ class ControlTree:
         nodes = {n.name: n for n in self.graph.disk_nodes(disk)}
 
         async def snapshot(text: str) -> None:
-            self.jobs.check_idle(disk, "a snapshot")
             await take_snapshot(self.graph, disk, disk.root, text)
 
         async def commit(text: str) -> None:
-            await start_commit(self.graph, disk, self.jobs, text)
+            await start_commit(self.graph, disk, text)
 
         async def stream(text: str) -> None:
-            await start_stream(self.graph, disk, self.jobs, text)
+            await start_stream(self.graph, disk, text)
 
         async def revert_to(text: str) -> None:
-            await revert(self.graph, disk, self.jobs, text)
+            await revert(self.graph, disk, text)
 
         async def job(text: str) -> None:
             await self.jobs.control(disk, text)
@@ -175,13 +178,44 @@ class ControlTree:
         if node.graph_op is not GraphOp.REFUSE and node.parents:
 
             async def snapshot(text: str) -> None:
-                self.jobs.check_idle(disk, "a snapshot")
                 await take_snapshot(self.graph, disk, node.parents[0], text)
 
             out["snapshot"] = FileEntry(lambda: list_snapshots(self.graph, disk), snapshot)
+        if node.child_set() is not None:
+            out.update(self.child_jobs(disk, node))
         for name, control in node.controls().items():
             out[name] = FileEntry(control.read, control.write)
         return out
+
+    def child_jobs(self, disk: Disk, node: Node) -> dict[str, Entry]:
+        """`scrub` and `replace` of a fan-out node: jobs of the graph (graph/children.py)."""
+
+        def show(kind: str) -> str:
+            job = self.jobs.last_owned.get((node.name, kind))
+            return _json({"state": "never run"} if job is None else job.as_dict())
+
+        async def then_wait(job: Job, wait: bool) -> None:
+            if wait:
+                await self.jobs.wait(job)
+
+        async def scrub(text: str) -> None:
+            words = text.split()
+            running = self.jobs.last_owned.get((node.name, "scrub"))
+            if words == ["wait"] and running is not None and running.state == "running":
+                await self.jobs.wait(running)
+                return
+            await then_wait(await start_scrub(self.graph, disk, node), "wait" in words)
+
+        async def replace(text: str) -> None:
+            words = text.split()
+            wait = len(words) == 3 and words[2] == "wait"
+            text = " ".join(words[:2]) if wait else text
+            await then_wait(await start_replace(self.graph, disk, node, text), wait)
+
+        return {
+            "scrub": FileEntry(partial(show, "scrub"), scrub),
+            "replace": FileEntry(partial(show, "replace"), replace),
+        }
 
     def options_dir(self, owner: Node | Any) -> dict[str, Entry]:
         """One file per option of a node or shared object; run-time ones writable."""

@@ -22,7 +22,7 @@ from typing import Any
 
 from fusedisk.errors import SpecError
 from fusedisk.graph.node import Role
-from fusedisk.graph.registry import default_options, drivers
+from fusedisk.graph.registry import default_options, drivers, overlay_driver
 from fusedisk.spec import NodeSpec, Spec
 
 STATE_VERSION = 1
@@ -33,6 +33,24 @@ def state_path(spec_path: Path) -> Path:
 
 
 def load_changes(spec_path: Path) -> list[dict[str, Any]]:
+    """The recorded changes, oldest first, a transaction's changes in its place."""
+    return expand(load_records(spec_path))
+
+
+def expand(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records as single changes: a `transaction` record (one graph transaction,
+    graph/transaction.py) stands for the changes it lists."""
+    out: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("op") == "transaction" and isinstance(record.get("changes"), list):
+            out.extend(record["changes"])
+        else:
+            out.append(record)
+    return out
+
+
+def load_records(spec_path: Path) -> list[dict[str, Any]]:
+    """The records of the log as written (a transaction is one record)."""
     path = state_path(spec_path)
     try:
         doc = json.loads(path.read_text())
@@ -65,8 +83,8 @@ def save_changes(spec_path: Path, changes: list[dict[str, Any]]) -> None:
 
 
 def record_change(spec_path: Path, change: dict[str, Any]) -> None:
-    """Append one change to the durable log (see save_changes)."""
-    save_changes(spec_path, [*load_changes(spec_path), change])
+    """Append one record to the durable log (see save_changes)."""
+    save_changes(spec_path, [*load_records(spec_path), change])
 
 
 def _user_of(spec: Spec, name: str) -> tuple[str, str, int | None] | None:
@@ -148,8 +166,9 @@ def _remove_unused(spec: Spec, name: str) -> None:
 def overlay_links(changes: list[dict[str, Any]]) -> dict[str, str | None]:
     """Overlay node -> its base, for the overlays the changes leave in the graph.
 
-    A committed overlay is gone; a streamed one (and every overlay of the chain
-    it streamed from) maps to None: it no longer has its snapshot's base.
+    A committed overlay is gone, as is one a quorum replaced; a streamed one (and
+    every overlay of the chain it streamed from) maps to None: it no longer has its
+    snapshot's base.
     """
     links: dict[str, str | None] = {}
     for change in changes:
@@ -159,6 +178,8 @@ def overlay_links(changes: list[dict[str, Any]]) -> dict[str, str | None]:
                 links[overlay["node"]] = overlay["base"]
         elif op == "commit":
             links.pop(change["overlay"], None)
+        elif op == "replace":  # a quorum child replaced: that overlay left the graph
+            links.pop(change["old"], None)
         elif op == "stream":
             below = links.get(change["node"])
             links[change["node"]] = None
@@ -184,16 +205,20 @@ def live_snapshots(changes: list[dict[str, Any]], disk: str) -> list[dict[str, A
 def overlay_specs(overlay: dict[str, Any]) -> list[NodeSpec]:
     """The spec nodes of one recorded overlay: a qcow2 node and its file."""
     node, base, filename = overlay["node"], overlay["base"], overlay["filename"]
-    options = default_options("qcow2")
-    file_options = {**default_options("file"), "filename": filename}
+    driver = overlay.get("driver") or overlay_driver().driver
+    # the leaf driver of the base's image; records older than "file-driver" used `file`
+    leaf = overlay.get("file-driver", "file")
+    options = default_options(driver)
+    file_options = {**default_options(leaf), "filename": filename}
     return [
-        NodeSpec(f"{node}.file", "file", file_options, inline=True),
-        NodeSpec(node, "qcow2", options, {"file": f"{node}.file", "backing": base}),
+        NodeSpec(f"{node}.file", leaf, file_options, inline=True),
+        NodeSpec(node, driver, options, {"file": f"{node}.file", "backing": base}),
     ]
 
 
 def apply_changes(spec: Spec, changes: list[dict[str, Any]]) -> Spec:
     """The spec as the recorded changes left it (the input Spec is not modified)."""
+    changes = expand(changes)
     if not changes:
         return spec
     spec = replace(

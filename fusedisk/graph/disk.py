@@ -9,8 +9,8 @@ detect-zeroes, and how the end of the disk behaves.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from time import perf_counter_ns
 from typing import Any
 
@@ -25,7 +25,7 @@ from fusedisk.graph.stats import IoStats
 from fusedisk.spec import DiskSpec
 
 
-def is_zero(data: bytes) -> bool:
+def is_zero(data: bytes | memoryview) -> bool:
     """True if every byte is zero.
 
     numpy's any() scans a MiB in tens of microseconds; comparing a memoryview
@@ -48,6 +48,9 @@ class Disk:
         self._gate: trio.Event | None = None  # set while a drain holds the gate closed
         self._idle: trio.Event | None = None
         self._drain_lock = trio.Lock()
+        #: set by the graph: holds the disk's nodes for an operation done inline
+        #: (truncate), refused while a job holds any of them (graph/jobs.py)
+        self.claim: Callable[[str], AbstractContextManager[None]] = lambda kind: nullcontext()
 
     @property
     def top(self) -> Node:
@@ -97,6 +100,16 @@ class Disk:
                 self._gate = None
                 self._idle = None
                 reopen.set()
+
+    @asynccontextmanager
+    async def job_request(self) -> AsyncIterator[None]:
+        """A job's chunk enters the gate like a request: drains wait for it, and it
+        waits for a drain to end (graph/copy.py)."""
+        await self._enter()
+        try:
+            yield
+        finally:
+            self._leave()
 
     # -- requests -------------------------------------------------------------
 
@@ -237,8 +250,9 @@ class Disk:
             )
         if size < self.size:
             raise ControlError(f"disk '{self.name}': shrinking would lose data; refused")
-        async with self.drained():
-            await self.root.truncate(size)
+        with self.claim("truncate"):
+            async with self.drained():
+                await self.root.truncate(size)
 
     def stats_dict(self) -> dict[str, Any]:
         out = self.stats.as_dict()

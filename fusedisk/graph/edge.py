@@ -9,7 +9,7 @@ enforcement, and the per-node counters behind `stats`.
 Re-pointing an edge to another node is how a graph change (snapshot, commit,
 child replacement) is made; node contents are never swapped.
 
-A background job (commit, stream: graph/jobs.py) may hook the writes that
+A background job (commit, stream: graph/commit.py, stream.py) may hook the writes that
 pass an edge: each hook's `enter` is awaited before a write, write-zeroes or
 discard (it may make the request wait) and its `leave` is called after it,
 successful or not (the inner call passes `_hooked=True`).  An edge without

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fusedisk.errors import FuseDiskError, OpenError
-from fusedisk.graph.changes import apply_changes, load_changes, record_change
+from fusedisk.graph.changes import apply_changes, load_changes, load_records, save_changes
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.jobs import Jobs
 from fusedisk.graph.node import Node, walk
 from fusedisk.graph.registry import default_options, drivers
-from fusedisk.spec import Spec
+from fusedisk.spec import DiskSpec, Spec
 
 log = logging.getLogger("fusedisk")
 
@@ -35,7 +35,7 @@ class Graph:
         self.disks: dict[str, Disk] = {}
         #: graph-level objects nodes share, by (section, name): throttle groups
         self.shared_objects: dict[tuple[str, str], Any] = {}
-        #: background commit and stream jobs, one per disk at a time
+        #: every graph operation runs as a job of this registry (graph/jobs.py)
         self.jobs = Jobs(self)
 
     @property
@@ -64,11 +64,16 @@ class Graph:
         try:
             for disk_spec in graph.spec.disks.values():
                 top = await graph._open_spec_node(disk_spec.node)
-                graph.disks[disk_spec.name] = Disk(disk_spec, top)
+                graph.disks[disk_spec.name] = graph._make_disk(disk_spec, top)
         except BaseException:
             await graph.close(flush=False)
             raise
         return graph
+
+    def _make_disk(self, disk_spec: DiskSpec, top: Node) -> Disk:
+        disk = Disk(disk_spec, top)
+        disk.claim = lambda kind: self.jobs.claim(kind, disk, list(walk(disk.top)))
+        return disk
 
     async def _open_spec_node(self, name: str) -> Node:
         if name in self.nodes:
@@ -104,9 +109,20 @@ class Graph:
             raise OpenError(f"there is no node named '{name}' in the spec")
         return await self._open_spec_node(name)
 
-    def record_change(self, change: dict[str, Any]) -> None:
-        """Make a graph change durable before it is applied (graph/changes.py)."""
-        record_change(self.spec.path, change)
+    def commit_record(self, record: dict[str, Any]) -> None:
+        """Make one graph transaction durable (graph/changes.py).
+
+        The new log is replayed on the user's spec first: a record the next
+        mount would refuse is never written (the transaction is undone instead).
+        """
+        records = [*load_records(self.spec.path), record]
+        apply_changes(self.user_spec, records)
+        save_changes(self.spec.path, records)
+
+    def disks_of(self, nodes: list[Node]) -> list[Disk]:
+        """The disks whose trees hold any of `nodes`."""
+        wanted = {id(n) for n in nodes}
+        return [d for d in self.disks.values() if any(id(n) in wanted for n in walk(d.top))]
 
     async def open_implicit(
         self, parent: Node, slot: str, driver: str, options: Mapping[str, Any]

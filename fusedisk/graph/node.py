@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from fusedisk.errors import ControlError, NotSupported
-from fusedisk.graph.edge import Edge
+from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent, Status
 from fusedisk.graph.options import Option, OptionValueError
 from fusedisk.graph.stats import IoStats
@@ -107,11 +107,34 @@ class NodeContext(Protocol):
         self, section: str, name: str, factory: Callable[[Mapping[str, Any]], Any]
     ) -> Any: ...
 
-    async def open_spare(self, name: str) -> Node: ...
 
-    async def remove_node(self, node: Node) -> None: ...
+class ChildSet(Protocol):
+    """What a fan-out node offers the graph's scrub and replace jobs (graph/children.py).
 
-    def record_change(self, change: dict[str, Any]) -> None: ...
+    `copy_lock` is the range lock its guest writes take: a chunk of work holds it
+    exclusively.  The caller holds the lock on the range it passes.
+    """
+
+    @property
+    def copy_lock(self) -> RangeLock: ...
+
+    def scrub_report(self) -> dict[str, Any]: ...
+
+    async def scrub_chunk(self, offset: int, length: int, report: dict[str, Any]) -> None: ...
+
+    def check_replace(self, old_ref: str, node: Node) -> Edge: ...
+
+    def attach_resync(self, old_ref: str, node: Node) -> tuple[Edge, Edge]: ...
+
+    def detach_resync(self, temp: Edge) -> None: ...
+
+    async def resync_chunk(self, temp: Edge, offset: int, length: int) -> None: ...
+
+    def resync_writes(self, temp: Edge) -> int: ...
+
+    def promote(self, slot: Edge, temp: Edge) -> None: ...
+
+    def demote(self, slot: Edge, temp: Edge, old: Node) -> None: ...
 
 
 COMMON_OPTIONS: Mapping[str, Option] = {
@@ -132,6 +155,10 @@ class Node:
     grows_on_write: ClassVar[bool] = False
     #: a format whose `file` child may be given as `filename = "..."` in the spec
     accepts_filename: ClassVar[bool] = False
+    #: a format a snapshot can insert as an overlay (see `create_overlay`)
+    makes_overlays: ClassVar[bool] = False
+    #: a format that can make itself standalone at the end of a stream (`drop_backing`)
+    drops_backing: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -198,6 +225,24 @@ class Node:
     async def prepare_read_only(self) -> None:
         """The graph is about to make this node read-only (the base of a snapshot):
         write back what is cached and mark the image clean while it still can."""
+
+    async def prepare_writable(self) -> None:
+        """The graph has made this node writable again at run time (a commit's base):
+        do what a read-write open would (a qcow2 marks itself dirty)."""
+
+    @classmethod
+    def create_overlay(cls, path: Path, size: int, backing: str, backing_format: str) -> None:
+        """Create an empty image at `path` over `backing` (a path relative to its
+        folder), for a snapshot or a revert; formats with `makes_overlays` implement it."""
+        raise NotSupported(f"driver '{cls.driver}' cannot create an overlay")
+
+    async def drop_backing(self) -> None:
+        """Make the image standalone (its header names no backing file any more)."""
+        raise NotSupported(f"node '{self.name}' ({self.driver}) cannot drop its backing file")
+
+    def child_set(self) -> ChildSet | None:
+        """The fan-out capability (quorum): children that can be scrubbed and replaced."""
+        return None
 
     def begin_drain(self) -> None:
         """The disk is draining: let queued requests through now (throttle does).

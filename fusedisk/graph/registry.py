@@ -42,3 +42,11 @@ def driver_class(name: str) -> type[Node] | None:
 def default_options(driver: str) -> dict[str, Any]:
     """Every option of `driver` at its default: a node made by fusedisk, not by a spec."""
     return {name: option.default for name, option in drivers()[driver].all_options().items()}
+
+
+def overlay_driver() -> type[Node]:
+    """The driver a snapshot inserts as an overlay: found by capability, not by name."""
+    found = [cls for cls in drivers().values() if cls.makes_overlays]
+    if len(found) != 1:
+        raise RuntimeError(f"{len(found)} drivers declare makes_overlays; expected one")
+    return found[0]

@@ -7,10 +7,11 @@ child, and a TARGET node (qcow2, raw) is where an overlay is inserted: the edge
 that pointed at it is re-pointed to the overlay, whose `backing` child it becomes.
 Filters stay on top; under a quorum each sibling gets its own overlay.
 
-All or nothing: every overlay file is created and opened before the graph
-changes; if any step fails, the files made so far are removed and nothing
-changes.  The switch itself happens with the disk drained and is recorded
-durably (changes.py) before it is made.
+All or nothing: a snapshot is a job of the graph engine (jobs.py).  Its
+prepare creates and opens every overlay, registering each undo; its commit is
+one transaction (transaction.py): under drain the edges are re-pointed and the
+bases made read-only, then one change-log record makes it durable.  A failure
+anywhere undoes what was done, newest first.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusedisk.errors import ControlError, FuseDiskError
-from fusedisk.graph.changes import live_snapshots, load_changes, overlay_specs, save_changes
+from fusedisk.graph.changes import live_snapshots, load_changes, overlay_specs
 from fusedisk.graph.edge import Edge
+from fusedisk.graph.jobs import Job
 from fusedisk.graph.node import GraphOp, Node, Role, walk
+from fusedisk.graph.registry import overlay_driver
+from fusedisk.graph.transaction import Step
 
 if TYPE_CHECKING:
     from fusedisk.graph.disk import Disk
@@ -61,15 +66,23 @@ def snapshot_points(edge: Edge) -> list[Edge]:
 
 
 def image_of(node: Node) -> Path:
-    """The host file that holds a format node's image."""
+    """The host file that holds a format node's image (its `file` child is a leaf
+    with a filename)."""
     edge = node.children.get("file")
     filename = edge.node.options.get("filename") if edge is not None else None
-    if edge is None or edge.node.driver != "file" or not filename:
+    if edge is None or edge.node.children or not filename:
         raise SnapshotError(
             f"node '{node.name}' ({node.driver}) does not sit on a host file; "
             "cannot place an overlay beside it"
         )
     return Path(filename)
+
+
+def leaf_driver(node: Node) -> str:
+    """The driver of the leaf that holds a format node's image: an overlay beside it
+    is opened with the same one (no driver is named here)."""
+    image_of(node)
+    return node.children["file"].node.driver
 
 
 def overlay_filename(image: Path, snapshot: str) -> Path:
@@ -86,83 +99,126 @@ class _Plan:
     node_name: str
 
 
-def _unique_node_name(graph: Graph, wanted: str, taken: set[str]) -> str:
+def unique_node_name(graph: Graph, wanted: str, taken: set[str] | None = None) -> str:
     name = wanted
-    while name in graph.nodes or name in graph.spec.nodes or name in taken:
+    while name in graph.nodes or name in graph.spec.nodes or name in (taken or set()):
         name += "_"
     return name
 
 
-async def take_snapshot(graph: Graph, disk: Disk, start: Edge, name: str) -> dict[str, Any]:
-    """Insert the overlays of snapshot `name` below `start`; returns the record."""
-    from fusedisk.formats.qcow2.create import create_qcow2
+def read_only_steps(base: Node) -> list[Step]:
+    """The base of an overlay and what it writes to become read-only (undo: writable)."""
+    steps = []
+    for below in walk(base):
+        if below.read_only:
+            continue
 
-    name = name.strip() or time.strftime("snap-%Y%m%d-%H%M%S")
-    if not _SNAPSHOT_NAME.match(name):
-        raise SnapshotError(f"snapshot name {name!r}: use letters, digits and _ . + - only")
-    changes = load_changes(graph.spec.path)
-    if any(c.get("name") == name for c in changes):
-        raise SnapshotError(f"disk '{disk.name}': a snapshot named '{name}' exists already")
+        async def do(node: Node = below) -> None:
+            await node.prepare_read_only()
+            node.read_only = True
 
-    plans: list[_Plan] = []
-    taken: set[str] = set()
-    for edge in snapshot_points(start):
-        image = image_of(edge.node)
-        overlay_path = overlay_filename(image, name)
-        if overlay_path.exists():
-            raise SnapshotError(f"snapshot '{name}': '{overlay_path}' exists already")
-        node_name = _unique_node_name(graph, f"{edge.node.name}.{name}", taken)
-        taken.add(node_name)
-        plans.append(_Plan(edge, edge.node, image, overlay_path, node_name))
+        async def undo(node: Node = below) -> None:
+            node.read_only = False
+            await node.prepare_writable()
 
-    created: list[Path] = []
-    opened: list[Node] = []
-    try:
-        for plan in plans:
-            created.append(plan.overlay)
-            create_qcow2(
+        steps.append(Step(do, undo))
+    return steps
+
+
+def repoint(edge: Edge, new: Node) -> Step:
+    """Point `edge` at `new`; undo points it back."""
+    old = edge.node
+    return Step(lambda: edge.replace(new), lambda: edge.replace(old))
+
+
+class SnapshotJob(Job):
+    """Insert the overlays of snapshot `name` below `start` (graph/jobs.py phases)."""
+
+    kind = "snapshot"
+
+    def __init__(self, graph: Graph, disk: Disk, start: Edge, name: str) -> None:
+        super().__init__(graph, disk, name.strip() or time.strftime("snap-%Y%m%d-%H%M%S"))
+        self.graph = graph
+        self.start = start
+        self.plans: list[_Plan] = []
+        self.opened: list[Node] = []
+        self.record: dict[str, Any] = {}
+
+    def claims(self) -> list[Node]:
+        return list(walk(self.start.node))
+
+    async def prepare(self) -> None:
+        graph, name = self.graph, self.target
+        if not _SNAPSHOT_NAME.match(name):
+            raise SnapshotError(f"snapshot name {name!r}: use letters, digits and _ . + - only")
+        if any(c.get("name") == name for c in load_changes(graph.spec.path)):
+            raise SnapshotError(
+                f"disk '{self.disk.name}': a snapshot named '{name}' exists already"
+            )
+        taken: set[str] = set()
+        for edge in snapshot_points(self.start):
+            image = image_of(edge.node)
+            overlay_path = overlay_filename(image, name)
+            if overlay_path.exists():
+                raise SnapshotError(f"snapshot '{name}': '{overlay_path}' exists already")
+            node_name = unique_node_name(graph, f"{edge.node.name}.{name}", taken)
+            taken.add(node_name)
+            self.plans.append(_Plan(edge, edge.node, image, overlay_path, node_name))
+        try:
+            await self._make_overlays()
+        except (FuseDiskError, OSError) as e:
+            raise SnapshotError(f"disk '{self.disk.name}': snapshot '{name}' failed: {e}") from e
+
+    async def _make_overlays(self) -> None:
+        driver = overlay_driver()
+        overlays = []
+        for plan in self.plans:
+            self.txn.undo_later(partial(plan.overlay.unlink, missing_ok=True))
+            driver.create_overlay(
                 plan.overlay,
                 plan.base.size,
-                backing=os.path.relpath(plan.image, plan.overlay.parent),
-                backing_fmt=plan.base.driver,
+                os.path.relpath(plan.image, plan.overlay.parent),
+                plan.base.driver,
             )
-        overlays = [
-            {"node": p.node_name, "base": p.base.name, "filename": str(p.overlay)} for p in plans
-        ]
-        record = {
+            overlays.append(
+                {"node": plan.node_name, "base": plan.base.name, "filename": str(plan.overlay),
+                 "driver": driver.driver, "file-driver": leaf_driver(plan.base)}
+            )  # fmt: skip
+        self.record = {
             "op": "snapshot",
-            "name": name,
+            "name": self.target,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "disk": disk.name,
+            "disk": self.disk.name,
             "overlays": overlays,
         }
-        for plan, overlay in zip(plans, overlays, strict=True):
-            file_spec, qcow2_spec = overlay_specs(overlay)
-            file_node = await graph.add_node(file_spec.name, "file", file_spec.options, {})
-            opened.append(file_node)
-            overlay_node = await graph.add_node(
-                qcow2_spec.name, "qcow2", qcow2_spec.options,
+        for plan, overlay in zip(self.plans, overlays, strict=True):
+            file_spec, image_spec = overlay_specs(overlay)
+            file_node = await self.graph.add_node(
+                file_spec.name, file_spec.driver, file_spec.options, {}
+            )
+            self.txn.undo_later(partial(self.graph.remove_node, file_node))
+            node = await self.graph.add_node(
+                image_spec.name, image_spec.driver, image_spec.options,
                 {"file": file_node, "backing": plan.base},
             )  # fmt: skip
-            opened.append(overlay_node)
-        async with disk.drained():
-            save_changes(graph.spec.path, [*changes, record])
-            for plan, node in zip(plans, opened[1::2], strict=True):
-                for below in walk(plan.base):
-                    await below.prepare_read_only()
-                    below.read_only = True
-                plan.edge.replace(node)
-    except BaseException as e:
-        for node in reversed(opened):
-            await graph.remove_node(node)
-        for path in created:
-            path.unlink(missing_ok=True)
-        if isinstance(e, FuseDiskError | OSError):
-            raise SnapshotError(f"disk '{disk.name}': snapshot '{name}' failed: {e}") from e
-        raise
-    log.info("disk '%s': snapshot '%s' taken: %s", disk.name, name,
-             ", ".join(str(p.overlay) for p in plans))  # fmt: skip
-    return record
+            self.txn.undo_later(partial(self.graph.remove_node, node))
+            self.opened.append(node)
+
+    async def commit(self) -> None:
+        steps: list[Step] = []
+        for plan, node in zip(self.plans, self.opened, strict=True):
+            steps.append(repoint(plan.edge, node))
+            steps.extend(read_only_steps(plan.base))
+        await self.txn.apply(steps, self.record)
+        log.info("disk '%s': snapshot '%s' taken: %s", self.disk.name, self.target,
+                 ", ".join(str(p.overlay) for p in self.plans))  # fmt: skip
+
+
+async def take_snapshot(graph: Graph, disk: Disk, start: Edge, name: str) -> dict[str, Any]:
+    """Take snapshot `name` below `start` as a job of the graph; returns the record."""
+    job = SnapshotJob(graph, disk, start, name)
+    await graph.jobs.start(job)
+    return job.record
 
 
 def list_snapshots(graph: Graph, disk: Disk) -> str:

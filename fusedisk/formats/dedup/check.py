@@ -30,7 +30,7 @@ from fusedisk.formats.dedup.index import (
 from fusedisk.formats.dedup.layout import MAP_PER_PAGE, PAGE, PBT_PER_PAGE, pbt_location
 
 if TYPE_CHECKING:
-    from fusedisk.formats.dedup.driver import DedupNode
+    from fusedisk.formats.dedup.volume import DedupVolume
 
 SLICE = 1 << 20  # physical blocks counted per pass over the map
 RUN = 256  # metadata pages read at once
@@ -96,7 +96,7 @@ class CheckReport:
         return out
 
 
-async def _pages(node: DedupNode, first: int, count: int) -> tuple[bytearray, set[int]]:
+async def _pages(node: DedupVolume, first: int, count: int) -> tuple[bytearray, set[int]]:
     """`count` metadata pages as the node sees them now (cache and journal overlay
     first), and which of them came from the cache."""
     raw = bytearray(await node.md.read(first * PAGE, count * PAGE))
@@ -112,13 +112,13 @@ async def _pages(node: DedupNode, first: int, count: int) -> tuple[bytearray, se
     return raw, cached
 
 
-async def check_image(node: DedupNode, hashes: bool = True) -> CheckReport:
+async def check_image(node: DedupVolume, hashes: bool = True) -> CheckReport:
     """Check the image of an open dedup node; the caller keeps it from changing."""
     report = CheckReport()
     sb = node.sb
     c = node.counters
     n_logical, n_physical, bs = sb.logical_blocks, sb.physical_blocks, sb.block_size
-    data_size = node.dt.node.size
+    data_size = node.dt.size
     map_pages = -(-n_logical // MAP_PER_PAGE)
     used_logical = used_physical = hashed = 0
 
@@ -197,7 +197,7 @@ async def check_image(node: DedupNode, hashes: bool = True) -> CheckReport:
 
 
 async def _check_hashes(
-    node: DedupNode,
+    node: DedupVolume,
     report: CheckReport,
     first: int,
     rows: np.ndarray,
@@ -233,7 +233,7 @@ async def _check_hashes(
     return done
 
 
-async def _check_index(node: DedupNode, report: CheckReport) -> dict[str, int]:
+async def _check_index(node: DedupVolume, report: CheckReport) -> dict[str, int]:
     sb = node.sb
     entries = stale = torn = 0
     for bfirst in range(0, sb.index_buckets, RUN):

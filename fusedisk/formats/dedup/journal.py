@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fusedisk.errors import CorruptImage
 from fusedisk.formats.dedup.layout import (
@@ -40,7 +41,9 @@ from fusedisk.formats.dedup.layout import (
     txn_set_checksum,
     txn_stored_checksum,
 )
-from fusedisk.graph.edge import Edge
+
+if TYPE_CHECKING:
+    from fusedisk.formats.dedup.volume import BlockStore
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Transaction:
 class Journal:
     """Appends transactions to the journal region and checkpoints it."""
 
-    def __init__(self, name: str, metadata: Edge, sb: Superblock) -> None:
+    def __init__(self, name: str, metadata: BlockStore, sb: Superblock) -> None:
         self.name = name
         self.metadata = metadata
         self.sb = sb

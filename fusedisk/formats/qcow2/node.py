@@ -34,6 +34,7 @@ import trio
 
 from fusedisk.errors import CorruptImage, NotSupported, OpenError
 from fusedisk.formats.qcow2.compress import decompress_cluster
+from fusedisk.formats.qcow2.create import create_qcow2
 from fusedisk.formats.qcow2.layout import (
     ALL_SUBCLUSTERS,
     AUTOCLEAR_KNOWN,
@@ -105,9 +106,13 @@ class Qcow2Node(Node):
     )
     graph_op = GraphOp.TARGET
     accepts_filename = True
+    makes_overlays = True
+    drops_backing = True
 
     h: Header
     _rw_open = False
+    #: set once open() has read the header and tables (stats before that are empty)
+    _opened = False
 
     # -- opening ------------------------------------------------------------------
 
@@ -233,6 +238,7 @@ class Qcow2Node(Node):
         await self._open_backing()
         self.size = h.size
         self.request_alignment = 1
+        self._opened = True
 
         if not self.read_only:
             await self._start_writing()
@@ -401,6 +407,11 @@ class Qcow2Node(Node):
             )
         async with self._meta_lock:
             await self._start_writing()
+
+    @classmethod
+    def create_overlay(cls, path: Path, size: int, backing: str, backing_format: str) -> None:
+        """An empty qcow2 over `backing` (relative to its folder), for a snapshot."""
+        create_qcow2(path, size, backing=backing, backing_fmt=backing_format)
 
     async def drop_backing(self) -> None:
         """Make the image standalone: its header names no backing file any more.
@@ -896,7 +907,7 @@ class Qcow2Node(Node):
     # -- introspection -----------------------------------------------------------------------
 
     def driver_stats(self) -> dict[str, Any]:
-        if not hasattr(self, "map"):
+        if not self._opened:
             return {}
         return {
             **self.counters,
