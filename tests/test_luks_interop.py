@@ -14,6 +14,7 @@ import hashlib
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -190,9 +191,10 @@ def test_cryptsetup_image_opens_in_fusedisk(tmp_path, key, options):
 def test_qemu_img_image_opens_in_fusedisk(tmp_path, key, options):
     image = tmp_path / "q.luks"
     opts = f"key-secret=s0,iter-time=10{',' + options if options else ''}"
-    for _ in range(5):
+    for attempt in range(30):
         # qemu-img times PBKDF2 by the thread's CPU time; on a loaded machine it can
         # read no progress and refuse ("Unable to get accurate CPU usage"): try again.
+        time.sleep(0.05 * attempt)
         made = run("qemu-img", "create", "-q", "-f", "luks", "--object",
                    f"secret,id=s0,file={key}", "-o", opts, image, "4M", ok=False)  # fmt: skip
         if "accurate CPU usage" not in made.stderr:

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -168,9 +169,13 @@ def shape(m: Mount) -> dict[str, dict[str, str]]:
     }  # fmt: skip
 
 
-def check_images(tmp_path: Path) -> None:
+def check_images(tmp_path: Path, after_crash: bool = False) -> None:
+    """`qemu-img check` clean; after a crash, leaked clusters are allowed (exit 3), as
+    QEMU leaves them too: a spare whose resync was cut off is not reopened to repair."""
     for image in sorted(tmp_path.glob("*.qcow2")):
-        run("qemu-img", "check", "-q", image)
+        result = subprocess.run(["qemu-img", "check", "-q", image], capture_output=True, text=True)
+        allowed = (0, 3) if after_crash else (0,)
+        assert result.returncode in allowed, f"{image}: {result.stdout}{result.stderr}"
 
 
 PAIRS = list(itertools.combinations_with_replacement(OPS, 2))
@@ -276,6 +281,6 @@ def test_sigkill_in_the_middle_of_an_operation(tmp_path: Path, op: str):
                 write_synced(m2, 0, b"x" * 4096)
             finally:
                 m2.stop()
-            check_images(folder)  # a crashed image may leak until the remount repairs it
+            check_images(folder, after_crash=True)
         finally:
             m.stop(check_log=False)

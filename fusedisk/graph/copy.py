@@ -72,7 +72,10 @@ async def copy_chunks(
                     await stack.enter_async_context(disk.job_request())
                 token = await lock.acquire(pos, pos + n) if lock is not None else None
                 try:
-                    await step(pos, n)
+                    # A cancel (job cancel, shutdown) waits for the chunk in progress: cut
+                    # off inside a format's allocation, it would leave clusters leaked.
+                    with trio.CancelScope(shield=True):
+                        await step(pos, n)
                 finally:
                     if lock is not None and token is not None:
                         lock.release(token)
