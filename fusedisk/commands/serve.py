@@ -1,0 +1,83 @@
+"""`fusedisk serve --nbd ADDR SPEC`: serve a spec's disks over NBD, with no FUSE mount.
+
+For hosts without /dev/fuse, and for storage servers whose disks are used by
+other hosts.  It stays in the foreground (a service manager or a shell job
+keeps it), and says when it is ready the way a service manager can see: one
+line on stdout, and READY=1 to $NOTIFY_SOCKET when systemd started it.
+SIGTERM, SIGINT or SIGHUP stop it; every disk is flushed and every image
+closed before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+
+import trio
+
+from fusedisk.commands.mount import _setup_logging
+from fusedisk.fuse.serve import tune_malloc
+from fusedisk.graph.graph import Graph
+from fusedisk.nbd.server import parse_address, serve_nbd
+from fusedisk.spec import Spec, load_spec
+
+log = logging.getLogger("fusedisk")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a spec's disks over NBD without mounting",
+        description="Serve every disk of SPEC over NBD at ADDR (unix:PATH or HOST:PORT), "
+        "each under its disk name, until SIGTERM or SIGINT.  Stays in the foreground.",
+    )
+    p.add_argument("--nbd", metavar="ADDR", required=True, help="unix:PATH or HOST:PORT")
+    p.add_argument("spec", help="the TOML spec file")
+    p.add_argument("--log-file", help="append the log to this file (default: stderr)")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    p.set_defaults(func=run)
+
+
+def notify_ready() -> None:
+    """Tell systemd (Type=notify) that clients can connect, if it is listening."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", target)
+    except OSError as e:
+        log.warning("could not notify the service manager at %s: %s", target, e)
+
+
+async def serve(spec: Spec, address: str) -> None:
+    """Open the graph, serve it until a signal, then flush and close every image."""
+    tune_malloc()
+    graph = await Graph.open(spec)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_nbd, graph, address)
+                print(f"fusedisk: serving {', '.join(graph.disks)} over NBD at {address}",
+                      flush=True)  # fmt: skip
+                notify_ready()
+                async for signum in signals:
+                    log.info("signal %s: stopping", signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
+    finally:
+        await graph.close()
+        log.info("stopped serving %s; all disks flushed and closed", spec.path)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    parse_address(args.nbd)
+    _setup_logging(args, to_stderr=True)
+    trio.run(serve, spec, args.nbd)
+    return 0
