@@ -58,9 +58,11 @@ def notify_ready() -> None:
 async def serve(spec: Spec, address: str) -> None:
     """Open the graph, serve it until a signal, then flush and close every image."""
     tune_malloc()
-    graph = await Graph.open(spec)
-    try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    # Signals are caught from before the first image opens until the last one
+    # is closed: a second SIGTERM during the final flush must not cut it short.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        graph = await Graph.open(spec)
+        try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_nbd, graph, address)
                 print(f"fusedisk: serving {', '.join(graph.disks)} over NBD at {address}",
@@ -70,9 +72,9 @@ async def serve(spec: Spec, address: str) -> None:
                     log.info("signal %s: stopping", signal.Signals(signum).name)
                     break
                 nursery.cancel_scope.cancel()
-    finally:
-        await graph.close()
-        log.info("stopped serving %s; all disks flushed and closed", spec.path)
+        finally:
+            await graph.close()
+            log.info("stopped serving %s; all disks flushed and closed", spec.path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,7 +102,7 @@ async def serve(
     tune_malloc()
     graph = await Graph.open(spec)
     try:
-        on_stop = stop_on_signals
+        on_stop: Callable[[Callable[[], None]], Any] = stop_on_signals
         if nbd:  # the NBD export, a second front on the same disks, runs beside the session
             on_stop = await nbd_front(graph, nbd, stop_on_signals)
         fs = MountFilesystem(graph)

@@ -128,6 +128,9 @@ async def serve_connection(disks: Mapping[str, Disk], stream: trio.abc.Stream, p
     except trio.TooSlowError:
         log.warning("nbd %s: no export chosen within %g s; disconnecting", peer,
                     NEGOTIATION_TIMEOUT)  # fmt: skip
+    except Exception:
+        # never let one client's failure reach the listener (and the mount)
+        log.exception("nbd %s: unexpected error; disconnecting", peer)
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()

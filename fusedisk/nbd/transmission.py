@@ -24,7 +24,7 @@ from fusedisk.errors import FuseDiskError, to_errno
 from fusedisk.graph.disk import is_zero
 from fusedisk.graph.extents import Status
 from fusedisk.nbd import protocol as p
-from fusedisk.nbd.connection import Connection
+from fusedisk.nbd.connection import ClientGone, Connection
 from fusedisk.nbd.handshake import BASE_ALLOCATION_ID, Session
 
 log = logging.getLogger("fusedisk")
@@ -50,27 +50,40 @@ class Transmission:
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
 
     async def run(self) -> None:
-        """Serve requests until the client disconnects; in-flight ones finish first."""
+        """Serve requests until the client disconnects; in-flight ones finish first.
+
+        Raises ClientGone or ProtocolError (after the in-flight requests are
+        done) when the client vanished or broke the protocol.
+        """
         async with trio.open_nursery() as nursery:
-            while True:
-                await self._slots.acquire()
-                try:
-                    req = p.parse_request(await self.conn.receive_exactly(p.REQUEST.size))
-                    payload = b""
-                    if req.type == p.CMD_WRITE:
-                        if req.length > p.MAX_REQUEST:
-                            # its payload cannot be trusted to be skipped: hang up
-                            raise p.ProtocolError(
-                                f"write of {req.length} bytes is larger than {p.MAX_REQUEST}"
-                            )
-                        payload = await self.conn.receive_exactly(req.length)
-                except BaseException:
-                    self._slots.release()
-                    raise
-                if req.type == p.CMD_DISC:
-                    self._slots.release()
-                    return
-                nursery.start_soon(self._serve, req, payload)
+            ended = await self._read_requests(nursery)
+        if ended is not None:
+            raise ended
+
+    async def _read_requests(self, nursery: trio.Nursery) -> Exception | None:
+        """Start a task per request; returns why the stream ended (None: NBD_CMD_DISC)."""
+        while True:
+            await self._slots.acquire()
+            try:
+                req = p.parse_request(await self.conn.receive_exactly(p.REQUEST.size))
+                payload = b""
+                if req.type == p.CMD_WRITE:
+                    if req.length > p.MAX_REQUEST:
+                        # its payload cannot be trusted to be skipped: hang up
+                        raise p.ProtocolError(
+                            f"write of {req.length} bytes is larger than {p.MAX_REQUEST}"
+                        )
+                    payload = await self.conn.receive_exactly(req.length)
+            except (ClientGone, p.ProtocolError) as e:
+                self._slots.release()
+                return e
+            except BaseException:
+                self._slots.release()
+                raise
+            if req.type == p.CMD_DISC:
+                self._slots.release()
+                return None
+            nursery.start_soon(self._serve, req, payload)
 
     async def _serve(self, req: p.Request, payload: bytes) -> None:
         try:
