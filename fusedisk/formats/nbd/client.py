@@ -80,7 +80,8 @@ class NbdClient:
         self.lost = trio.Event()
         self.lost_at: float | None = None  # trio clock when the connection dropped
         self._pending: set[_Pending] = set()
-        self._idle_wait: trio.CancelScope | None = None
+        self._wait: trio.CancelScope | None = None  # the pump's wait for the socket
+        self._waiting_for = 0
         self._pump_scope = trio.CancelScope()
         self._pump_done = trio.Event()
 
@@ -139,17 +140,14 @@ class NbdClient:
         nbd = libnbd()
         try:
             with self._pump_scope:
-                while not (h.aio_is_dead() or h.aio_is_closed()):
+                while not self._dead():
                     direction = h.aio_get_direction()
-                    if direction & DIRECTION_WRITE:
-                        # a request is half sent; replies may arrive meanwhile
-                        ready = await _wait_either(h.aio_get_fd(), direction)
-                    else:
-                        ready = 0
-                        with trio.CancelScope() as self._idle_wait:
-                            await trio.lowlevel.wait_readable(h.aio_get_fd())
-                            ready = DIRECTION_READ
-                        self._idle_wait = None
+                    # while a request is half sent, replies may arrive meanwhile
+                    self._waiting_for = direction or DIRECTION_READ
+                    ready = 0
+                    with trio.CancelScope() as self._wait:
+                        ready = await _wait_either(h.aio_get_fd(), self._waiting_for)
+                    self._wait = None
                     # libnbd must only hear of a socket that is really ready:
                     # a read notification in the middle of a send parks the
                     # send until a reply comes, and none would
@@ -174,9 +172,15 @@ class NbdClient:
                 pending.done.set()
         self._pending.clear()
 
+    def _dead(self) -> bool:
+        return bool(self.h.aio_is_dead() or self.h.aio_is_closed())
+
     def _wake_pump(self) -> None:
-        if self._idle_wait is not None and self.h.aio_get_direction() & DIRECTION_WRITE:
-            self._idle_wait.cancel()
+        """Make the pump look again: libnbd now wants another direction, or died."""
+        if self._wait is None:
+            return
+        if self._dead() or self.h.aio_get_direction() != self._waiting_for:
+            self._wait.cancel()
 
     # -- commands ----------------------------------------------------------------------
 
@@ -205,13 +209,14 @@ class NbdClient:
         try:
             issue(completion)
         except nbd.Error as e:
-            if self.h.aio_is_dead() or self.h.aio_is_closed():
+            if self._dead():
+                self._wake_pump()
                 raise ConnectionLost(e.string) from None
             raise OSError(e.errno or errno.EIO, e.string) from None
         self._pending.add(pending)
         self._wake_pump()
         await pending.done.wait()
-        if pending.error and self.lost.is_set():
+        if pending.error and (self.lost.is_set() or self._dead()):
             raise ConnectionLost(f"connection to {self.server} lost")
         if pending.error:
             raise OSError(pending.error, os.strerror(pending.error))
