@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fusedisk.nbd import protocol as p
@@ -157,3 +158,25 @@ def file_bytes(path: Path, offset: int, length: int) -> bytes:
         return os.pread(fd, length, offset)
     finally:
         os.close(fd)
+
+
+def serve_file_over_nbd(sock: Path, image: Path) -> Callable[[], None]:
+    """`nbdkit file IMAGE` on `sock` (a third-party server); returns its stopper."""
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "file", str(image)],
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + START_TIMEOUT
+    while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    if not sock.exists():
+        stop()
+        raise AssertionError(f"nbdkit did not start on {sock}")
+    return stop
