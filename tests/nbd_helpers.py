@@ -15,7 +15,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fusedisk.nbd import protocol as p
@@ -69,6 +70,55 @@ class Server:
             assert status == 0, self.log
             assert "unexpected error" not in self.log, self.log
         return status
+
+
+class External:
+    """An NBD server program on a unix socket, stopped at the end."""
+
+    def __init__(self, sock: Path, *cmd: object) -> None:
+        self.sock = sock
+        self.cmd = [str(c) for c in cmd]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> External:
+        if self.sock.exists():
+            self.sock.unlink()
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not self.sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                self.stop()
+                raise AssertionError(f"{self.cmd[0]} did not start: {err}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@contextmanager
+def external_servers() -> Iterator[Callable[..., External]]:
+    """Start NBD server programs; every one is stopped at the end, pass or fail."""
+    started: list[External] = []
+
+    def start(sock: Path, *cmd: object) -> External:
+        server = External(sock, *cmd)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
 
 
 class RawClient:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,57 +21,17 @@ from fusedisk.graph.extents import Status
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import load_spec
 from tests.conftest import make_image, needs, raw_spec, run, write_at
-from tests.nbd_helpers import Server, file_bytes, nbd_uri
+from tests.nbd_helpers import External, Server, external_servers, file_bytes, nbd_uri
 
 pytestmark = [pytest.mark.timeout(90), needs("nbdkit", "qemu-nbd", "qemu-img", "qemu-io")]
 
 MiB = 1 << 20
 
 
-class External:
-    """An NBD server program on a unix socket, stopped at the end."""
-
-    def __init__(self, sock: Path, *cmd: object) -> None:
-        self.sock = sock
-        self.cmd = [str(c) for c in cmd]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> External:
-        if self.sock.exists():
-            self.sock.unlink()
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                self.stop()
-                raise AssertionError(f"{self.cmd[0]} did not start: {err}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture
 def servers():
-    started: list[External] = []
-
-    def start(sock: Path, *cmd: object) -> External:
-        server = External(sock, *cmd)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.stop()
+    with external_servers() as start:
+        yield start
 
 
 def nbd_spec(sock: Path, extra: str = "") -> str:
@@ -182,9 +140,7 @@ async def test_fusedisks_own_export_as_a_child(tmp_path):
         assert file_bytes(image, offset, len(data)) == data
 
 
-async def test_a_read_only_export_needs_read_only_and_bad_specs_name_the_option(
-    tmp_path, servers
-):
+async def test_a_read_only_export_needs_read_only_and_bad_specs_name_the_option(tmp_path, servers):
     sock = tmp_path / "ro.sock"
     servers(sock, "nbdkit", "-f", "-r", "-U", sock, "pattern", "8M")
     with pytest.raises(OpenError, match="read-only; set read-only = true"):

@@ -156,9 +156,7 @@ def test_mount_nbd_serves_what_the_fuse_file_shows(tmp_path, write_spec, mount):
 
 
 @pytest.mark.mount
-def test_a_snapshot_through_the_control_tree_applies_to_nbd_clients(
-    tmp_path, write_spec, mount
-):
+def test_a_snapshot_through_the_control_tree_applies_to_nbd_clients(tmp_path, write_spec, mount):
     images = tmp_path / "images"
     images.mkdir()
     run("qemu-img", "create", "-q", "-f", "qcow2", images / "d0.qcow2", "16M")
