@@ -9,6 +9,7 @@ afterwards every live server's image equals the others (qemu-img compare).
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -28,10 +29,10 @@ def servers():
         yield start
 
 
-def quorum_spec(tmp_path) -> str:
+def quorum_spec(tmp_path, extra: str = "") -> str:
     out = []
     for i in range(4):  # three children and a spare
-        out.append(f'[nodes.n{i}]\ndriver = "nbd"\nserver.path = "{tmp_path}/s{i}.sock"\n')
+        out.append(f'[nodes.n{i}]\ndriver = "nbd"\nserver.path = "{tmp_path}/s{i}.sock"\n{extra}')
     out.append('[nodes.q]\ndriver = "quorum"\nvote-threshold = 2\nchildren = ["n0", "n1", "n2"]\n')
     out.append('[disks.vm0]\nnode = "q"\n')
     return "\n".join(out)
@@ -75,3 +76,33 @@ def test_a_quorum_of_nbd_servers_survives_one_dying_and_resyncs_a_replacement(
     for other in (images[2], images[3]):
         run("qemu-img", "compare", "-f", "raw", "-F", "raw", images[0], other)
     assert read_at(images[3], 4 * MiB, 4) == b"\x22" * 4
+
+
+@needs("fio")
+def test_a_frozen_server_is_dropped_after_reconnect_delay_and_fio_verifies(
+    tmp_path, servers, write_spec, mount
+):
+    images = [make_image(tmp_path / f"r{i}.img", SIZE) for i in range(3)]
+    procs = [
+        servers(tmp_path / f"s{i}.sock", "qemu-nbd", "-k", tmp_path / f"s{i}.sock", "-f", "raw",
+                "--shared=4", images[i])
+        for i in range(3)
+    ]  # fmt: skip
+    m = mount(write_spec(quorum_spec(tmp_path, "reconnect-delay = 1\n")))
+    assert procs[1].proc is not None
+    procs[1].proc.send_signal(signal.SIGSTOP)  # frozen: the connection stays open, silent
+    try:
+        t0 = time.monotonic()
+        run("fio", "--name=verify", f"--filename={m.path('vm0.img')}", "--rw=randwrite",
+            "--bs=64k", "--size=8M", "--direct=1", "--ioengine=psync", "--verify=crc32c",
+            "--do_verify=1", "--verify_fatal=1")  # fmt: skip
+        assert time.monotonic() - t0 >= 1  # the first write waited out reconnect-delay
+        st = status(m)
+        assert st["children"]["children.1"]["state"] == "failed", st
+        assert "no reply" in m.log
+    finally:
+        procs[1].proc.send_signal(signal.SIGCONT)
+    m.stop()
+    for proc in procs:
+        proc.stop()
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", images[0], images[2])

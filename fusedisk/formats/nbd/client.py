@@ -160,10 +160,20 @@ class NbdClient:
         except Exception:
             log.exception("nbd server %s: unexpected error in the client", self.server)
         finally:
-            self.lost_at = trio.current_time()
-            self._fail_pending()
-            self.lost.set()
+            self._mark_lost()
             self._pump_done.set()
+
+    def _mark_lost(self) -> None:
+        if self.lost_at is None:
+            self.lost_at = trio.current_time()
+        self._fail_pending()
+        self.lost.set()
+
+    def abandon(self) -> None:
+        """Give the connection up now (a server that stopped answering): every
+        command waiting fails with ConnectionLost, and `lost` is set at once."""
+        self._mark_lost()
+        self._pump_scope.cancel()
 
     def _fail_pending(self) -> None:
         for pending in self._pending:

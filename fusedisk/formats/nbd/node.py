@@ -182,8 +182,19 @@ class NbdNode(Node):
             if client is None:
                 raise IOFailure(f"node '{self.name}': {what}: the node is closed")
             if not client.lost.is_set():
+                started = trio.current_time()
                 try:
-                    return await run(client)
+                    if not self.reconnect_delay:
+                        return await run(client)
+                    with trio.move_on_after(self.reconnect_delay):
+                        return await run(client)
+                    # no reply for reconnect-delay seconds: a frozen server or a
+                    # dead path looks like a lost one, and is treated as one
+                    log.warning("node '%s': %s: no reply from the NBD server at %s within "
+                                "%g s; dropping the connection", self.name, what, self.server,
+                                self.reconnect_delay)  # fmt: skip
+                    client.abandon()
+                    lost_since = started
                 except ConnectionLost:
                     pass
                 except OSError as e:
