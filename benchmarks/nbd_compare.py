@@ -61,7 +61,7 @@ def main() -> int:
         targets = {
             "fusedisk serve": [sys.executable, "-m", "fusedisk", "serve", "--nbd",
                                f"unix:{work / 'f.sock'}", str(spec)],
-            "qemu-nbd": ["qemu-nbd", "-k", str(work / "q.sock"), "-f", "raw", "-x", "vm0",
+            "qemu-nbd": ["qemu-nbd", "-t", "-k", str(work / "q.sock"), "-f", "raw", "-x", "vm0",
                          "--shared=8", "--cache=writeback", "--aio=threads", str(image)],
         }  # fmt: skip
         socks = {"fusedisk serve": work / "f.sock", "qemu-nbd": work / "q.sock"}

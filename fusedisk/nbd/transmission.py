@@ -55,8 +55,11 @@ class Transmission:
         Raises ClientGone or ProtocolError (after the in-flight requests are
         done) when the client vanished or broke the protocol.
         """
-        async with trio.open_nursery() as nursery:
-            ended = await self._read_requests(nursery)
+        async with trio.open_nursery() as outer:
+            await outer.start(self.conn.writer)
+            async with trio.open_nursery() as nursery:
+                ended = await self._read_requests(nursery)
+            self.conn.finish_writing()
         if ended is not None:
             raise ended
 
