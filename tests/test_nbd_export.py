@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -181,3 +184,29 @@ def test_a_snapshot_through_the_control_tree_applies_to_nbd_clients(tmp_path, wr
     run("qemu-img", "check", images / "d0.s1.qcow2")
     run("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0xaa 0 1M", images / "d0.qcow2")
     run("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0xbb 0 1M", images / "d0.s1.qcow2")
+
+
+def test_tcp_on_loopback_with_a_chosen_port_and_systemd_readiness(tmp_path, write_spec):
+    make_image(tmp_path / "d0.img", 4 * MiB, b"tcp!")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusedisk", "serve", "--nbd", "127.0.0.1:0",
+         str(write_spec(raw_spec()))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert notify.recv(64) == b"READY=1"
+        host, port = line.rsplit(" ", 1)[1].strip().rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0, line
+        uri = f"nbd://127.0.0.1:{port}/vm0"
+        copy = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, timeout=60)
+        assert copy.returncode == 0 and copy.stdout == b"tcp!" * MiB, copy.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0, proc.stderr.read() if proc.stderr else ""
+        notify.close()

@@ -64,8 +64,8 @@ async def serve(spec: Spec, address: str) -> None:
         graph = await Graph.open(spec)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_nbd, graph, address)
-                print(f"fusedisk: serving {', '.join(graph.disks)} over NBD at {address}",
+                where = await nursery.start(serve_nbd, graph, address)
+                print(f"fusedisk: serving {', '.join(graph.disks)} over NBD at {where}",
                       flush=True)  # fmt: skip
                 notify_ready()
                 async for signum in signals:

@@ -140,12 +140,13 @@ async def serve_nbd(
     graph: Graph,
     address: str,
     *,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every disk of `graph` over NBD at `address` until cancelled.
 
-    Reports started (with the listeners) once clients can connect, so a
-    caller that says "ready" after `nursery.start` tells the truth.
+    Reports started, with the address listened on (the port chosen for port
+    0), once clients can connect, so a caller that says "ready" after
+    `nursery.start` tells the truth.
     """
     addr = parse_address(address)
     listeners = await open_listeners(addr)
@@ -179,7 +180,7 @@ async def _serve_listeners(
     addr: Address,
     listeners: list[trio.SocketListener],
     *,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async def handler(stream: trio.SocketStream) -> None:
         await serve_connection(graph.disks, stream, _peer_name(stream))
@@ -191,7 +192,7 @@ async def _serve_listeners(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handler, listeners)
-            task_status.started(listeners)
+            task_status.started(addr)
     finally:
         if addr.path is not None:
             with contextlib.suppress(OSError):
