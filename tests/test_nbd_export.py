@@ -143,6 +143,23 @@ def test_a_bad_address_or_busy_socket_is_refused_with_a_sentence(tmp_path, write
                       f"unix:{tmp_path / 'plain'}", spec, check=False)  # fmt: skip
     assert result.returncode == 1 and "cannot listen for NBD" in result.stderr, result.stderr
     assert (tmp_path / "plain").read_text() == "not a socket"
+    server = Server(spec, tmp_path / "busy.sock")
+    try:  # a second daemon does not steal a live daemon's socket
+        result = run_tool(os.sys.executable, "-m", "fusedisk", "serve", "--nbd",
+                          f"unix:{tmp_path / 'busy.sock'}", spec, check=False)  # fmt: skip
+        assert result.returncode == 1 and "another server listens" in result.stderr
+        run_tool("nbdinfo", "--size", server.uri)
+    finally:
+        server.stop()
+
+
+def test_mount_refuses_a_bad_nbd_address_before_mounting(tmp_path, write_spec):
+    make_image(tmp_path / "d0.img", MiB)
+    (tmp_path / "mnt").mkdir()
+    result = run_tool(os.sys.executable, "-m", "fusedisk", "mount", "--nbd", "host:http",
+                      write_spec(raw_spec()), tmp_path / "mnt", check=False)  # fmt: skip
+    assert result.returncode == 1 and "NBD address 'host:http'" in result.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
 
 
 @pytest.mark.mount

@@ -72,6 +72,16 @@ def parse_address(text: str) -> Address:
     return Address(host=host, port=port)
 
 
+def _someone_listens(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 async def _unix_listener(path: str) -> trio.SocketListener:
     try:
         st = os.lstat(path)
@@ -80,7 +90,9 @@ async def _unix_listener(path: str) -> trio.SocketListener:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(errno.EEXIST, f"'{path}' exists and is not a socket")
-        os.unlink(path)  # a socket left behind by an earlier daemon
+        if _someone_listens(path):
+            raise OSError(errno.EADDRINUSE, f"another server listens on '{path}'")
+        os.unlink(path)  # a socket left behind by a daemon that is gone
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(path)
