@@ -24,6 +24,19 @@ from fusedisk.nbd import protocol as p
 START_TIMEOUT = 20.0
 
 
+def unix_listening(sock: Path) -> bool:
+    """True once a server listens on `sock`: the file appears at bind(2), a moment
+    before listen(2), and a connect in between is refused.  Read from the kernel's
+    table rather than by connecting, as qemu-nbd without -t exits after one client."""
+    target = str(sock)
+    with open("/proc/net/unix") as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == target and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def nbd_uri(sock: Path, disk: str = "vm0") -> str:
     return f"nbd+unix:///{disk}?socket={sock}"
 
@@ -85,7 +98,7 @@ class External:
             self.sock.unlink()
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while not self.sock.exists():
+        while not unix_listening(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 self.stop()
@@ -215,7 +228,7 @@ def serve_file_over_nbd(sock: Path, image: Path) -> Callable[[], None]:
     proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "file", str(image)],
                             stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + START_TIMEOUT
-    while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not unix_listening(sock) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
 
     def stop() -> None:
@@ -226,7 +239,7 @@ def serve_file_over_nbd(sock: Path, image: Path) -> Callable[[], None]:
             proc.kill()
             proc.wait()
 
-    if not sock.exists():
+    if not unix_listening(sock):
         stop()
         raise AssertionError(f"nbdkit did not start on {sock}")
     return stop
