@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+from functools import partial
 
 import trio
 
@@ -22,6 +23,7 @@ from fusedisk.commands.mount import _setup_logging
 from fusedisk.fuse.serve import tune_malloc
 from fusedisk.graph.graph import Graph
 from fusedisk.nbd.server import parse_address, serve_nbd
+from fusedisk.nbd.tls import server_context
 from fusedisk.spec import Spec, load_spec
 
 log = logging.getLogger("fusedisk")
@@ -35,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "each under its disk name, until SIGTERM or SIGINT.  Stays in the foreground.",
     )
     p.add_argument("--nbd", metavar="ADDR", required=True, help="unix:PATH or HOST:PORT")
+    p.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="require TLS: ca-cert.pem, server-cert.pem, server-key.pem (QEMU's layout)",
+    )
     p.add_argument("spec", help="the TOML spec file")
     p.add_argument("--log-file", help="append the log to this file (default: stderr)")
     p.add_argument("--debug", action="store_true", help="log debug messages")
@@ -55,7 +62,7 @@ def notify_ready() -> None:
         log.warning("could not notify the service manager at %s: %s", target, e)
 
 
-async def serve(spec: Spec, address: str) -> None:
+async def serve(spec: Spec, address: str, tls_creds: str | None = None) -> None:
     """Open the graph, serve it until a signal, then flush and close every image."""
     tune_malloc()
     # Signals are caught from before the first image opens until the last one
@@ -64,7 +71,7 @@ async def serve(spec: Spec, address: str) -> None:
         graph = await Graph.open(spec)
         try:
             async with trio.open_nursery() as nursery:
-                where = await nursery.start(serve_nbd, graph, address)
+                where = await nursery.start(partial(serve_nbd, graph, address, tls_creds=tls_creds))
                 print(f"fusedisk: serving {', '.join(graph.disks)} over NBD at {where}",
                       flush=True)  # fmt: skip
                 notify_ready()
@@ -81,5 +88,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     parse_address(args.nbd)
     _setup_logging(args, to_stderr=True)
-    trio.run(serve, spec, args.nbd)
+    if args.tls_creds:
+        server_context(args.tls_creds)  # refused before any image is opened
+    trio.run(serve, spec, args.nbd, args.tls_creds)
     return 0

@@ -17,7 +17,11 @@ running still finish.
 
 from __future__ import annotations
 
+import ssl
+
 import trio
+
+from fusedisk.nbd.protocol import ProtocolError
 
 #: a batch of replies up to this size goes out joined in one send(2)
 COALESCE = 1 << 20
@@ -54,6 +58,17 @@ class Connection:
         out = bytes(buf[:n])
         del buf[:n]
         return out
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """NBD_OPT_STARTTLS was acknowledged: everything after is TLS."""
+        if self._buf:
+            raise ProtocolError("the client sent data between NBD_OPT_STARTTLS and TLS")
+        stream = trio.SSLStream(self.stream, context, server_side=True)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as e:
+            raise ProtocolError(f"TLS handshake failed: {e.__cause__ or e}") from None
+        self.stream = stream
 
     async def send(self, *parts: bytes) -> None:
         """Send `parts` back to back, never interleaved with another reply.

@@ -9,6 +9,7 @@ flags or an oversized option end the connection.
 
 from __future__ import annotations
 
+import ssl
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ from fusedisk.nbd.connection import Connection
 #: the context id we give base:allocation
 BASE_ALLOCATION_ID = 1
 PREFERRED_BLOCK = 4096
+
+
+class TLSFailed(p.ProtocolError):
+    """The TLS handshake failed: the stream is unusable, the connection ends."""
 
 
 @dataclass
@@ -59,9 +64,13 @@ def find_disk(disks: Mapping[str, Disk], name: str) -> Disk | None:
 
 
 class Negotiation:
-    def __init__(self, conn: Connection, disks: Mapping[str, Disk]) -> None:
+    def __init__(
+        self, conn: Connection, disks: Mapping[str, Disk], tls: ssl.SSLContext | None = None
+    ) -> None:
         self.conn = conn
         self.disks = disks
+        self.tls = tls  # when set, nothing but STARTTLS and ABORT before TLS
+        self.encrypted = False
         self.structured = False
         self.no_zeroes = False
         self.meta_export: str | None = None  # export for which base:allocation was set
@@ -90,6 +99,8 @@ class Negotiation:
             data = await self.conn.receive_exactly(length)
             try:
                 session = await self.option(option, data)
+            except TLSFailed:
+                raise
             except p.ProtocolError as e:
                 await self.reply(option, p.REP_ERR_INVALID, str(e).encode())
                 continue
@@ -102,6 +113,14 @@ class Negotiation:
     async def option(self, option: int, data: bytes) -> Session | None:
         if option == p.OPT_ABORT:
             await self.reply(option, p.REP_ACK)
+            return None
+        if option == p.OPT_STARTTLS:
+            await self.start_tls(data)
+            return None
+        if self.tls is not None and not self.encrypted:
+            if option == p.OPT_EXPORT_NAME:
+                raise p.ProtocolError("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
+            await self.reply(option, p.REP_ERR_TLS_REQD, b"this server requires TLS first")
             return None
         if option == p.OPT_EXPORT_NAME:
             return await self.export_name(data)
@@ -125,6 +144,23 @@ class Negotiation:
             return None
         await self.reply(option, p.REP_ERR_UNSUP, b"option not supported")
         return None
+
+    async def start_tls(self, data: bytes) -> None:
+        if self.tls is None:
+            await self.reply(p.OPT_STARTTLS, p.REP_ERR_POLICY, b"TLS is not configured")
+            return
+        if data:
+            raise p.ProtocolError("NBD_OPT_STARTTLS takes no data")
+        if self.encrypted:
+            raise p.ProtocolError("TLS is already on")
+        await self.reply(p.OPT_STARTTLS, p.REP_ACK)
+        try:
+            await self.conn.start_tls(self.tls)
+        except p.ProtocolError as e:
+            raise TLSFailed(str(e)) from None
+        self.encrypted = True
+        self.structured = False  # what was said in clear text does not count
+        self.meta_export = None
 
     async def export_name(self, data: bytes) -> Session:
         name = p.parse_export_name(data)

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -28,12 +29,15 @@ from fusedisk.graph.graph import Graph
 from fusedisk.nbd.connection import ClientGone, Connection
 from fusedisk.nbd.handshake import Negotiation
 from fusedisk.nbd.protocol import ProtocolError
+from fusedisk.nbd.tls import server_context
 from fusedisk.nbd.transmission import Transmission
 
 log = logging.getLogger("fusedisk")
 
 #: a client has this long to finish the negotiation (a stuck one holds a task)
 NEGOTIATION_TIMEOUT = 30.0
+#: how long closing a connection may take (a TLS goodbye to a client that is gone)
+CLOSE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -122,12 +126,17 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return "unix client"
 
 
-async def serve_connection(disks: Mapping[str, Disk], stream: trio.abc.Stream, peer: str) -> None:
+async def serve_connection(
+    disks: Mapping[str, Disk],
+    stream: trio.abc.Stream,
+    peer: str,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     """Negotiate with one client and serve it until it leaves (or breaks the protocol)."""
     conn = Connection(stream, peer)
     try:
         with trio.fail_after(NEGOTIATION_TIMEOUT):
-            session = await Negotiation(conn, disks).run()
+            session = await Negotiation(conn, disks, tls).run()
         if session is None:
             return
         log.info("nbd %s: serving disk '%s'", peer, session.disk.name)
@@ -144,25 +153,32 @@ async def serve_connection(disks: Mapping[str, Disk], stream: trio.abc.Stream, p
         # never let one client's failure reach the listener (and the mount)
         log.exception("nbd %s: unexpected error; disconnecting", peer)
     finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+        # shielded, but bounded: closing TLS sends close_notify to a client that
+        # may not be reading any more
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            await conn.stream.aclose()
 
 
 async def serve_nbd(
     graph: Graph,
     address: str,
     *,
+    tls_creds: str | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every disk of `graph` over NBD at `address` until cancelled.
+
+    With `tls_creds` (a folder, see tls.py) clients must start TLS first.
 
     Reports started, with the address listened on (the port chosen for port
     0), once clients can connect, so a caller that says "ready" after
     `nursery.start` tells the truth.
     """
     addr = parse_address(address)
+    tls = server_context(tls_creds) if tls_creds else None
     listeners = await open_listeners(addr)
-    await _serve_listeners(graph, addr, listeners, task_status=task_status)
+    await _serve_listeners(graph, addr, listeners, tls, task_status=task_status)
 
 
 async def nbd_front(
@@ -191,16 +207,18 @@ async def _serve_listeners(
     graph: Graph,
     addr: Address,
     listeners: list[trio.SocketListener],
+    tls: ssl.SSLContext | None = None,
     *,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async def handler(stream: trio.SocketStream) -> None:
-        await serve_connection(graph.disks, stream, _peer_name(stream))
+        await serve_connection(graph.disks, stream, _peer_name(stream), tls)
 
     if addr.path is None and listeners:
         host, port = listeners[0].socket.getsockname()[:2]
         addr = Address(host=addr.host or host, port=port)
-    log.info("serving %s over NBD at %s", ", ".join(graph.disks) or "no disks", addr)
+    log.info("serving %s over NBD at %s%s", ", ".join(graph.disks) or "no disks", addr,
+             " (TLS required)" if tls else "")  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handler, listeners)

@@ -88,12 +88,21 @@ class NbdClient:
     # -- connecting ------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, server: Server, export: str, timeout: float) -> NbdClient:
-        """Connect and negotiate; OSError (with the server's words) if that fails."""
+    async def connect(
+        cls, server: Server, export: str, timeout: float, tls_creds: str | None = None
+    ) -> NbdClient:
+        """Connect and negotiate; OSError (with the server's words) if that fails.
+
+        With `tls_creds` (a folder: ca-cert.pem, client-cert.pem, client-key.pem)
+        TLS is required and the server's certificate checked against the CA.
+        """
         nbd = libnbd()
         h = nbd.NBD()
         try:
             h.set_handle_name(f"fusedisk:{export}")
+            if tls_creds:
+                h.set_tls(nbd.TLS_REQUIRE)
+                h.set_tls_certificates(tls_creds)
             h.set_export_name(export)
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             with trio.fail_after(timeout):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -61,6 +62,10 @@ class NbdNode(Node):
                maximum=65535),
         Option("export", "str", "", "the export's name on the server"),
         Option(
+            "tls-creds", "path", None,
+            "a folder with ca-cert.pem, client-cert.pem, client-key.pem: require TLS",
+        ),
+        Option(
             "reconnect-delay", "float", 0.0,
             "seconds a request waits for a lost server to come back before failing with EIO",
             minimum=0,
@@ -96,13 +101,20 @@ class NbdNode(Node):
         self.server = self._server()
         self.export = str(self.options.get("export") or "")
         self.reconnect_delay = float(self.options.get("reconnect-delay") or 0)
+        creds = self.options.get("tls-creds")
+        self.tls_creds = str(creds) if creds else None
+        if self.tls_creds and not os.path.isdir(self.tls_creds):
+            raise OpenError(f"node '{self.name}': option 'tls-creds': '{self.tls_creds}' is "
+                            "not a folder")  # fmt: skip
         self.reconnects = 0
         try:
             libnbd()
         except ImportError as e:
             raise OpenError(f"node '{self.name}': the nbd driver needs libnbd: {e}") from None
         try:
-            client = await NbdClient.connect(self.server, self.export, CONNECT_TIMEOUT)
+            client = await NbdClient.connect(
+                self.server, self.export, CONNECT_TIMEOUT, self.tls_creds
+            )
         except OSError as e:
             raise OpenError(f"{self._where}: cannot open export '{self.export}' on the NBD "
                             f"server at {self.server}: {e.strerror or e}") from None  # fmt: skip
@@ -155,7 +167,9 @@ class NbdNode(Node):
         pause = 0.1
         while True:
             try:
-                client = await NbdClient.connect(self.server, self.export, CONNECT_TIMEOUT)
+                client = await NbdClient.connect(
+                    self.server, self.export, CONNECT_TIMEOUT, self.tls_creds
+                )
             except OSError as e:
                 log.debug("node '%s': reconnecting: %s", self.name, e)
             else:
@@ -168,6 +182,9 @@ class NbdNode(Node):
                 await client.close()
             await trio.sleep(pause)
             pause = min(pause * 2, 2.0)
+
+    async def _connect(self) -> NbdClient:
+        return await NbdClient.connect(self.server, self.export, CONNECT_TIMEOUT, self.tls_creds)
 
     def _set_client(self, client: NbdClient) -> None:
         self._client = client
