@@ -227,3 +227,22 @@ def test_tcp_on_loopback_with_a_chosen_port_and_systemd_readiness(tmp_path, writ
         proc.terminate()
         assert proc.wait(timeout=20) == 0, proc.stderr.read() if proc.stderr else ""
         notify.close()
+
+
+def test_disk_errors_reach_the_client_as_nbd_errors(tmp_path, write_spec):
+    make_image(tmp_path / "d0.img", 8 * MiB)
+    spec = write_spec(
+        '[nodes.d0]\ndriver = "raw"\nfilename = "d0.img"\n\n'
+        '[nodes.bad]\ndriver = "faults"\nfile = "d0"\nerror-reads = true\nerror-writes = true\n'
+        'range-start = "1M"\nrange-length = "64K"\nerrno = "ENOSPC"\n\n'
+        '[disks.vm0]\nnode = "bad"\n'
+    )
+    server = Server(spec, tmp_path / "nbd.sock")
+    try:
+        bad = run_tool("qemu-io", "-f", "raw", "-c", "read 1M 4k", server.uri, check=False)
+        assert "No space left on device" in bad.stdout + bad.stderr, bad
+        bad = run_tool("qemu-io", "-f", "raw", "-c", "write 1M 4k", server.uri, check=False)
+        assert "No space left on device" in bad.stdout + bad.stderr, bad
+        qemu_io(server.uri, "write -P 0x21 2M 4k", "read -P 0x21 2M 4k")  # the rest works
+    finally:
+        server.stop()
