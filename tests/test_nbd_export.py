@@ -217,7 +217,7 @@ def test_tcp_on_loopback_with_a_chosen_port_and_systemd_readiness(tmp_path, writ
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert notify.recv(64) == b"READY=1"
+        assert b"READY=1" in notify.recv(4096).split(b"\n")
         host, port = line.rsplit(" ", 1)[1].strip().rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) > 0, line
         uri = f"nbd://127.0.0.1:{port}/vm0"

@@ -3,7 +3,8 @@
 For hosts without /dev/fuse, and for storage servers whose disks are used by
 other hosts.  It stays in the foreground (a service manager or a shell job
 keeps it), and says when it is ready the way a service manager can see: one
-line on stdout, and READY=1 to $NOTIFY_SOCKET when systemd started it.
+line on stdout, and READY=1 to $NOTIFY_SOCKET when systemd started it (the
+same sd_notify as `fusedisk mount`, fusedisk/service/notify.py).
 SIGTERM, SIGINT or SIGHUP stop it; every disk is flushed and every image
 closed before it exits.
 """
@@ -14,7 +15,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 from functools import partial
 
 import trio
@@ -24,6 +24,7 @@ from fusedisk.fuse.serve import tune_malloc
 from fusedisk.graph.graph import Graph
 from fusedisk.nbd.server import parse_address, serve_nbd
 from fusedisk.nbd.tls import server_context
+from fusedisk.service.notify import Notifier
 from fusedisk.spec import Spec, load_spec
 
 log = logging.getLogger("fusedisk")
@@ -48,21 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def notify_ready() -> None:
-    """Tell systemd (Type=notify) that clients can connect, if it is listening."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    if target.startswith("@"):
-        target = "\0" + target[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(b"READY=1", target)
-    except OSError as e:
-        log.warning("could not notify the service manager at %s: %s", target, e)
-
-
-async def serve(spec: Spec, address: str, tls_creds: str | None = None) -> None:
+async def serve(spec: Spec, address: str, tls_creds: str | None, systemd: Notifier) -> None:
     """Open the graph, serve it until a signal, then flush and close every image."""
     tune_malloc()
     # Signals are caught from before the first image opens until the last one
@@ -74,7 +61,7 @@ async def serve(spec: Spec, address: str, tls_creds: str | None = None) -> None:
                 where = await nursery.start(partial(serve_nbd, graph, address, tls_creds=tls_creds))
                 print(f"fusedisk: serving {', '.join(graph.disks)} over NBD at {where}",
                       flush=True)  # fmt: skip
-                notify_ready()
+                systemd.send("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving NBD at {where}")
                 async for signum in signals:
                     log.info("signal %s: stopping", signal.Signals(signum).name)
                     break
@@ -90,5 +77,7 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging(args, to_stderr=True)
     if args.tls_creds:
         server_context(args.tls_creds)  # refused before any image is opened
-    trio.run(serve, spec, args.nbd, args.tls_creds)
+    systemd = Notifier.from_environment()  # sd_notify, when a Type=notify unit runs us
+    trio.run(serve, spec, args.nbd, args.tls_creds, systemd)
+    systemd.stopping()
     return 0
