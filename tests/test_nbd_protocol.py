@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from fusedisk.graph.disk import Disk
 from fusedisk.nbd import protocol as p
-from fusedisk.nbd.server import parse_address, serve_connection
+from fusedisk.nbd.address import parse_address
+from fusedisk.nbd.server import serve_connection
 from fusedisk.spec import DiskSpec
 from tests.memory_node import MemoryNode
 

@@ -21,7 +21,7 @@ import trio
 
 from fusedisk.errors import FuseDiskError, SpecError
 from fusedisk.fuse.serve import TRANSPORTS, serve
-from fusedisk.nbd.server import parse_address
+from fusedisk.nbd.address import parse_address
 from fusedisk.service.notify import Notifier
 from fusedisk.spec import Spec, load_spec
 

@@ -22,7 +22,8 @@ import trio
 from fusedisk.commands.mount import _setup_logging
 from fusedisk.fuse.serve import tune_malloc
 from fusedisk.graph.graph import Graph
-from fusedisk.nbd.server import parse_address, serve_nbd
+from fusedisk.nbd.address import parse_address
+from fusedisk.nbd.server import serve_nbd
 from fusedisk.nbd.tls import server_context
 from fusedisk.service.notify import Notifier
 from fusedisk.spec import Spec, load_spec

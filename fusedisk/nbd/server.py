@@ -17,7 +17,6 @@ import socket
 import ssl
 import stat
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -26,6 +25,7 @@ import trio
 from fusedisk.errors import SpecError
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
+from fusedisk.nbd.address import Address, parse_address
 from fusedisk.nbd.connection import ClientGone, Connection
 from fusedisk.nbd.handshake import Negotiation
 from fusedisk.nbd.protocol import ProtocolError
@@ -38,42 +38,6 @@ log = logging.getLogger("fusedisk")
 NEGOTIATION_TIMEOUT = 30.0
 #: how long closing a connection may take (a TLS goodbye to a client that is gone)
 CLOSE_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where the export listens: a unix socket path, or a TCP host and port."""
-
-    path: str | None = None
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_address(text: str) -> Address:
-    """`unix:PATH`, `HOST:PORT` or `[IPV6]:PORT`."""
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path:
-            raise SpecError(f"NBD address '{text}': the unix socket path is empty")
-        return Address(path=os.path.abspath(path))
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise SpecError(f"NBD address '{text}': expected unix:PATH or HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        port = int(port_text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise SpecError(f"NBD address '{text}': the port must be a number from 0 to 65535")
-    return Address(host=host, port=port)
 
 
 def _someone_listens(path: str) -> bool:

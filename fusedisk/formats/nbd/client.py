@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from fusedisk.formats.nbd.libnbd import libnbd
+from fusedisk.nbd.address import Address
 
 log = logging.getLogger("fusedisk")
 
@@ -35,18 +36,6 @@ DIRECTION_WRITE = 2
 
 class ConnectionLost(Exception):
     """The connection to the server is gone; the command may be retried elsewhere."""
-
-
-@dataclass(frozen=True)
-class Server:
-    """Where the export is: a unix socket path, or a host and port."""
-
-    path: str | None = None
-    host: str = ""
-    port: int = 10809
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.path is not None else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +63,7 @@ class _Pending:
 class NbdClient:
     """A connected handle; `command` runs one aio command and waits for it."""
 
-    def __init__(self, handle: Any, server: Server) -> None:
+    def __init__(self, handle: Any, server: Address) -> None:
         self.h = handle
         self.server = server
         self.lost = trio.Event()
@@ -89,7 +78,7 @@ class NbdClient:
 
     @classmethod
     async def connect(
-        cls, server: Server, export: str, timeout: float, tls_creds: str | None = None
+        cls, server: Address, export: str, timeout: float, tls_creds: str | None = None
     ) -> NbdClient:
         """Connect and negotiate; OSError (with the server's words) if that fails.
 

@@ -29,11 +29,12 @@ from typing import Any, TypeVar
 import trio
 
 from fusedisk.errors import IOFailure, OpenError
-from fusedisk.formats.nbd.client import ConnectionLost, ExportInfo, NbdClient, Server
+from fusedisk.formats.nbd.client import ConnectionLost, ExportInfo, NbdClient
 from fusedisk.formats.nbd.libnbd import libnbd
 from fusedisk.graph.extents import Extent, Status, clip_extents, merge_extents
 from fusedisk.graph.node import GraphOp, Node
 from fusedisk.graph.options import Option, option_table
+from fusedisk.nbd.address import DEFAULT_PORT, Address
 
 log = logging.getLogger("fusedisk")
 
@@ -58,7 +59,7 @@ class NbdNode(Node):
         ),
         Option("server.path", "path", None, "the server's unix socket (server.type unix)"),
         Option("server.host", "str", None, "the server's host name or address (inet)"),
-        Option("server.port", "int", 10809, "the server's TCP port (inet)", minimum=1,
+        Option("server.port", "int", DEFAULT_PORT, "the server's TCP port (inet)", minimum=1,
                maximum=65535),
         Option("export", "str", "", "the export's name on the server"),
         Option(
@@ -78,18 +79,18 @@ class NbdNode(Node):
 
     # -- opening -------------------------------------------------------------------
 
-    def _server(self) -> Server:
+    def _server(self) -> Address:
         o = self.options
         kind = o.get("server.type") or ("unix" if o.get("server.path") else "inet")
         if kind == "unix":
             if not o.get("server.path"):
                 raise OpenError(f"node '{self.name}': option 'server.path' is required "
                                 "for server.type unix")  # fmt: skip
-            return Server(path=str(o["server.path"]))
+            return Address(path=str(o["server.path"]))
         if not o.get("server.host"):
             raise OpenError(f"node '{self.name}': option 'server.host' is required "
                             "(or give server.path for a unix socket)")  # fmt: skip
-        return Server(host=str(o["server.host"]), port=int(o.get("server.port") or 10809))
+        return Address(host=str(o["server.host"]), port=int(o.get("server.port") or DEFAULT_PORT))
 
     @property
     def _where(self) -> str:
