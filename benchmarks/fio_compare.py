@@ -74,14 +74,24 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_fio(path: Path, job: dict[str, str], runtime: int, size: int) -> dict[str, float]:
+def run_fio(
+    path: Path,
+    job: dict[str, str],
+    runtime: int,
+    size: int,
+    target: list[str] | None = None,
+    daemon: int | None = None,
+) -> dict[str, float]:
+    """One fio job on `path` (or on `target`'s fio options, e.g. an NBD URI, served by
+    the process `daemon`): MB/s, IOPS and the daemon's CPU per request."""
+    target = target or [f"--filename={path}", "--ioengine=libaio", "--direct=1"]
     cmd = [
-        "fio", "--name=bench", f"--filename={path}", "--ioengine=libaio", "--direct=1",
+        "fio", "--name=bench", *target,
         f"--rw={job['rw']}", f"--bs={job['bs']}", f"--iodepth={job['iodepth']}",
         f"--size={size}", f"--runtime={runtime}", "--ramp_time=1", "--time_based",
         "--output-format=json", "--randrepeat=0", "--norandommap",
     ]  # fmt: skip
-    daemon = serving_process(path)
+    daemon = serving_process(path) if daemon is None else daemon
     cpu_before = cpu_seconds(daemon)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     cpu = cpu_seconds(daemon) - cpu_before

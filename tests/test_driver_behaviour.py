@@ -21,6 +21,7 @@ from fusedisk.graph.graph import Graph
 from fusedisk.graph.registry import drivers
 from fusedisk.spec import parse_spec
 from tests.conftest import make_image
+from tests.nbd_helpers import serve_file_over_nbd
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -43,6 +44,7 @@ TREES: dict[str, str] = {
     "dedup": '[nodes.top]\ndriver = "dedup"\nformat = true\nsize = "4M"\n'
     'metadata = { driver = "file", filename = "meta.img" }\n'
     'data = { driver = "file", filename = "data.img" }',
+    "nbd": '[nodes.top]\ndriver = "nbd"\nserver.path = "nbdkit.sock"',  # nbdkit file a.img
 }
 
 
@@ -72,8 +74,10 @@ def test_every_driver_is_in_the_behaviour_suite():
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("driver", sorted(TREES))
-async def test_driver_keeps_what_the_model_says(driver, tmp_path):
+async def test_driver_keeps_what_the_model_says(driver, tmp_path, request):
     spec = prepare(tmp_path, driver)
+    if driver == "nbd":
+        request.addfinalizer(serve_file_over_nbd(tmp_path / "nbdkit.sock", tmp_path / "a.img"))
     graph = await Graph.open(parse_spec(spec.read_text(), spec))
     disk = graph.disks["vm0"]
     size = disk.size

@@ -21,6 +21,7 @@ import trio
 
 from fusedisk.errors import FuseDiskError, SpecError
 from fusedisk.fuse.serve import TRANSPORTS, serve
+from fusedisk.nbd.address import parse_address
 from fusedisk.service.notify import Notifier
 from fusedisk.spec import Spec, load_spec
 
@@ -48,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--read-only", action="store_true", help="every disk read-only, every image opened so"
+    )
+    p.add_argument(
+        "--nbd", metavar="ADDR", help="also serve every disk over NBD at unix:PATH or HOST:PORT"
     )
     p.add_argument("--log-file", help="append the log to this file (default: syslog)")
     p.add_argument("--debug", action="store_true", help="log debug messages")
@@ -97,12 +101,14 @@ def run(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
     if not mountpoint.is_dir():
         raise SpecError(f"mount point '{mountpoint}' is not a directory")
+    if args.nbd:
+        parse_address(args.nbd)  # a bad address is refused before anything is mounted
     systemd = Notifier.from_environment()  # sd_notify, when a Type=notify unit runs us
 
     if args.foreground:
         _setup_logging(args, to_stderr=True)
         on_ready = partial(systemd.ready, mountpoint)
-        trio.run(serve, spec, mountpoint, args.allow_other, on_ready, args.transport)
+        trio.run(serve, spec, mountpoint, args.allow_other, on_ready, args.transport, args.nbd)
         systemd.stopping()
         return 0
 
@@ -130,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         systemd.ready(mountpoint)
 
     try:
-        trio.run(serve, spec, mountpoint, args.allow_other, ready, args.transport)
+        trio.run(serve, spec, mountpoint, args.allow_other, ready, args.transport, args.nbd)
     except FuseDiskError as e:
         log.error("%s", e)
         _report(write_end, f"fusedisk: {e}")

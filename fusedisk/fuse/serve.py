@@ -24,6 +24,7 @@ from fusedisk.fuse.filesystem import MountFilesystem
 from fusedisk.fuse.kernel import mounting
 from fusedisk.fuse.kernel.session import KernelSession
 from fusedisk.graph.graph import Graph
+from fusedisk.nbd.server import nbd_front
 from fusedisk.spec import Spec
 
 log = logging.getLogger("fusedisk")
@@ -95,11 +96,15 @@ async def serve(
     allow_other: bool = False,
     ready: Callable[[], None] = lambda: None,
     transport: str = "kernel",
+    nbd: str | None = None,
 ) -> None:
     """Open `spec`'s graph and serve it at `mountpoint` until unmounted."""
     tune_malloc()
     graph = await Graph.open(spec)
     try:
+        on_stop: Callable[[Callable[[], None]], Any] = stop_on_signals
+        if nbd:  # the NBD export, a second front on the same disks, runs beside the session
+            on_stop = await nbd_front(graph, nbd, stop_on_signals)
         fs = MountFilesystem(graph)
         fsname = f"fusedisk:{spec.path.name}"
 
@@ -110,9 +115,9 @@ async def serve(
         if transport == "pyfuse3":
             from fusedisk.fuse.pyfuse3_transport import serve_pyfuse3
 
-            await serve_pyfuse3(fs, mountpoint, fsname, allow_other, mounted, stop_on_signals)
+            await serve_pyfuse3(fs, mountpoint, fsname, allow_other, mounted, on_stop)
         else:
-            await serve_kernel(fs, mountpoint, fsname, allow_other, mounted, stop_on_signals)
+            await serve_kernel(fs, mountpoint, fsname, allow_other, mounted, on_stop)
     finally:
         await graph.close()
         log.info("unmounted %s; all disks flushed and closed", mountpoint)
