@@ -45,7 +45,8 @@ def test_disk_and_control_files_on_each_transport(tmp_path, write_spec, mount, n
     run("dd", "if=/dev/zero", f"of={m.path('vm0.img')}", "bs=4k", "count=1")  # O_TRUNC: ignored
     assert os.path.getsize(m.path("vm0.img")) == 16 * MiB
     with pytest.raises(OSError):
-        os.truncate(m.path("vm0.img"), 0)  # a real truncate is refused
+        os.truncate(m.path("vm0.img"), 0)  # a real truncate is refused, and says why
+    assert "vm0.img (truncate): disk 'vm0'" in m.path("last-error").read_text()
     table = run("findmnt", "-n", "-o", "FSTYPE,SOURCE", m.mountpoint)
     assert table.split() == ["fuse.fusedisk", "fusedisk:spec.toml"]
     m.stop()

@@ -166,13 +166,22 @@ class MountFilesystem:
         entry = self._entry(self.inodes.path(ino))
         if size is not None:
             if isinstance(entry, DiskEntry):
-                await entry.disk.resize(size)
+                try:
+                    await entry.disk.resize(size)
+                except Exception as e:
+                    self._remember_refusal(f"{entry.disk.name}.img (truncate)", e)
+                    raise
             elif not (isinstance(entry, FileEntry) and entry.write is not None):
                 raise FsError(errno.EACCES)
             # A control file accepts the O_TRUNC of `echo x > file`.
         if owner_or_mode:
             raise FsError(errno.EPERM)
         return self._attrs(ino, entry)
+
+    def _remember_refusal(self, what: str, e: Exception) -> None:
+        """For `last-error`: a refused request's errno alone does not say why."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.tree.last_error = f"{stamp} {what}: {e}\n"
 
     def readlink(self, ino: int) -> str:
         entry = self._entry(self.inodes.path(ino))
@@ -252,8 +261,7 @@ class MountFilesystem:
         try:
             await handle.entry.write(data.decode(errors="replace").rstrip("\n"))
         except Exception as e:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            self.tree.last_error = f"{stamp} {handle.path}: {e}\n"
+            self._remember_refusal(handle.path, e)
             raise
         return len(data)
 
