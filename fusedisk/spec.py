@@ -284,7 +284,24 @@ def parse_spec(text: str, path: Path) -> Spec:
 
     spec = Spec(path, parser.nodes, disks, extra)
     _check_references(parser, spec)
+    _inherit_read_only(spec)
     return spec
+
+
+def _inherit_read_only(spec: Spec) -> None:
+    """A read-only node's children open read-only too, as QEMU's inherit: its image is
+    never written, and the image lock (formats/locking.py) then lets others read it."""
+
+    def mark(name: str) -> None:
+        node = spec.nodes[name]
+        node.options["read-only"] = True
+        for ref in node.children.values():
+            for child in [ref] if isinstance(ref, str) else ref:
+                mark(child)
+
+    for node in list(spec.nodes.values()):
+        if node.options.get("read-only"):
+            mark(node.name)
 
 
 def load_spec(path: str | Path) -> Spec:

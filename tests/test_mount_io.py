@@ -26,7 +26,7 @@ def test_qemu_io_patterns_through_the_mount_match_the_host_file(tmp_path, write_
               "-c", "read -P 0x11 16760832 16384", disk)  # fmt: skip
     assert "Pattern verification failed" not in out
     # The host file holds exactly the same bytes, read without the mount.
-    out = run("qemu-io", "-f", "raw", "-c", "read -P 0xa5 3583 70001",
+    out = run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0xa5 3583 70001",
               "-c", "read -P 0x11 16760832 16384", str(image))  # fmt: skip
     assert "Pattern verification failed" not in out
 

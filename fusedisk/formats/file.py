@@ -24,6 +24,7 @@ import trio
 
 from fusedisk.errors import NotSupported, OpenError
 from fusedisk.formats import uring
+from fusedisk.formats.hostfiles import open_host_file
 from fusedisk.formats.hostio import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -31,6 +32,7 @@ from fusedisk.formats.hostio import (
     HostFile,
     direct_io_alignment,
 )
+from fusedisk.formats.locking import ImageLock, lock_image
 from fusedisk.graph.extents import Extent, Status
 from fusedisk.graph.node import GraphOp, Node
 from fusedisk.graph.options import REQUIRED, Option, option_table
@@ -103,11 +105,19 @@ class FileNode(Node):
             "allows it) or threads (a batched worker pool)",
             choices=AIO_ENGINES,
         ),
+        Option(
+            "locking",
+            "str",
+            "auto",
+            "QEMU's image locking: on, off, or auto (on where the filesystem supports it)",
+            choices=("auto", "on", "off"),
+        ),
     )
     graph_op = GraphOp.TARGET
     grows_on_write = True
 
     fd = -1
+    lock: ImageLock | None = None
     is_block_device = False
     host: HostFile | None = None
     _write_gen = 0
@@ -127,21 +137,10 @@ class FileNode(Node):
         await super().open()
         self._flush_limiter = trio.CapacityLimiter(1)
         direct = bool(self.options.get("cache.direct"))
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
+        where = f"node '{self.name}': option 'filename'"
+        self.fd, st = open_host_file(self.path, not self.read_only, where, direct)
         try:
-            self.fd = os.open(self.path, flags | (os.O_DIRECT if direct else 0))
-        except OSError as e:
-            hint = (
-                " (the file system refuses O_DIRECT: set cache.direct = false)"
-                if (direct and e.errno == errno.EINVAL)
-                else ""
-            )
-            raise OpenError(
-                f"node '{self.name}': option 'filename': cannot open '{self.path}': "
-                f"{e.strerror}{hint}"
-            ) from None
-        try:
-            self._check_kind()
+            self._take_size(st)
             if direct:
                 self._discover_alignment()
         except BaseException:
@@ -158,19 +157,20 @@ class FileNode(Node):
             raise OpenError(
                 f"node '{self.name}': option 'aio': io_uring cannot be used here: {e.strerror}"
             ) from None
+        try:
+            self.lock = lock_image(self.fd, self, self.options.get("locking", "auto"),
+                                   f"{where}: '{self.path}'")  # fmt: skip
+        except BaseException:
+            await self.close()
+            raise
 
-    def _check_kind(self) -> None:
-        st = os.fstat(self.fd)
+    def _take_size(self, st: os.stat_result) -> None:
+        """Size of the file (open_host_file let only regular files and block devices in)."""
         if stat.S_ISBLK(st.st_mode):
             self.is_block_device = True
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        elif stat.S_ISREG(st.st_mode):
-            self.size = st.st_size
         else:
-            raise OpenError(
-                f"node '{self.name}': option 'filename': '{self.path}' is neither a regular "
-                "file nor a block device"
-            )
+            self.size = st.st_size
 
     def _discover_alignment(self) -> None:
         try:
@@ -182,6 +182,9 @@ class FileNode(Node):
             ) from None
 
     async def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         if self.host is not None:
             self.host.close()
             self.host = None

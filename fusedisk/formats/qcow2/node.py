@@ -33,6 +33,7 @@ import numpy as np
 import trio
 
 from fusedisk.errors import CorruptImage, NotSupported, OpenError
+from fusedisk.formats.hostfiles import check_header_file, read_head
 from fusedisk.formats.qcow2.compress import decompress_cluster
 from fusedisk.formats.qcow2.create import create_qcow2
 from fusedisk.formats.qcow2.layout import (
@@ -299,10 +300,11 @@ class Qcow2Node(Node):
                 f"node '{self.name}': {self.where} keeps its data in an external file that "
                 "the header does not name; give it as option 'data-file'"
             )
+        path = self._relative(h.data_file)
+        check_header_file(path, f"node '{self.name}': {self.where}: its data file")
         leaf = await self.context.open_implicit(
-            self, "data-file", "file",
-            {"filename": self._relative(h.data_file), "read-only": self.read_only},
-        )  # fmt: skip
+            self, "data-file", "file", {"filename": path, "read-only": self.read_only}
+        )
         self.data_edge = self.add_child("data-file", Role.DATA, leaf)
 
     async def _open_backing(self) -> None:
@@ -322,15 +324,10 @@ class Qcow2Node(Node):
         if len(chain) >= _MAX_CHAIN:
             raise CorruptImage(f"{self.where}: the backing chain is deeper than {_MAX_CHAIN}")
         fmt = h.backing_format
+        where = f"node '{self.name}': {self.where}: its backing file"
+        check_header_file(path, where)
         if fmt is None:
-            try:
-                with open(path, "rb") as f:
-                    fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-            except OSError as e:
-                raise OpenError(
-                    f"node '{self.name}': {self.where}: cannot open its backing file "
-                    f"'{path}': {e.strerror}"
-                ) from None
+            fmt = "qcow2" if read_head(path, 4, where) == b"QFI\xfb" else "raw"
         if fmt == "qcow2":
             node = await self.context.open_implicit(
                 self, "backing", "qcow2", {"filename": path, "read-only": True, "_chain": chain}

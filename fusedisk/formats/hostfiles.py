@@ -1,0 +1,87 @@
+"""Which host files may be images, and how they are opened: regular files and block
+devices only, never in a way that can block.
+
+A FIFO opened for reading waits for a writer forever, a character device may act
+on open (a tape rewinds, a watchdog starts), a directory or socket is no image.
+So a name is stat'ed first and refused unless it is a regular file or a block
+device; it is then opened with O_NONBLOCK (so a FIFO swapped in meanwhile cannot
+block the open either), checked again with fstat, and only then made blocking.
+Every refusal is a sentence naming the node, the option and the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+from fusedisk.errors import OpenError
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _kind(mode: int) -> str:
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_kind(st: os.stat_result, path: str, where: str) -> None:
+    """Refuse anything but a regular file or block device."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise OpenError(
+            f"{where}: '{path}' is {_kind(st.st_mode)}; an image must be a regular file "
+            "or a block device"
+        )
+
+
+def open_host_file(
+    path: str, writable: bool, where: str, direct: bool = False
+) -> tuple[int, os.stat_result]:
+    """Open an image file without blocking (with O_DIRECT if `direct`); returns the
+    descriptor and its fstat."""
+    try:
+        check_kind(os.stat(path), path, where)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_DIRECT if direct else 0)
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as e:
+        hint = (
+            " (the file system refuses O_DIRECT: set cache.direct = false)"
+            if direct and e.errno == errno.EINVAL
+            else ""
+        )
+        raise OpenError(f"{where}: cannot open '{path}': {e.strerror}{hint}") from None
+    try:
+        st = os.fstat(fd)
+        check_kind(st, path, where)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def check_header_file(path: str, where: str) -> None:
+    """A file an image header names (backing file, data file), checked before any node
+    opens it: it must exist and be a regular file or a block device."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise OpenError(f"{where}: cannot open '{path}': {e.strerror}") from None
+    check_kind(st, path, where)
+
+
+def read_head(path: str, length: int, where: str) -> bytes:
+    """The first `length` bytes of an image file (to probe its format)."""
+    fd, _ = open_host_file(path, False, where)
+    try:
+        return os.pread(fd, length, 0)
+    finally:
+        os.close(fd)

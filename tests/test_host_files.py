@@ -1,0 +1,88 @@
+"""Only regular files and block devices are images: a FIFO, character device, socket or
+directory named in a spec or an image header is refused at once, never opened in a way
+that blocks (before, a FIFO hung `check` and `mount` forever)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fusedisk.formats.qcow2.create import create_qcow2
+from tests.conftest import raw_spec
+
+pytestmark = pytest.mark.timeout(60)
+
+QCOW2_SPEC = """
+[nodes.d0]
+driver = "qcow2"
+filename = "top.qcow2"
+
+[disks.vm0]
+node = "d0"
+"""
+
+
+def fusedisk(*args: object) -> subprocess.CompletedProcess[str]:
+    """The CLI; a hang is a failure (TimeoutExpired), not a stuck suite."""
+    return subprocess.run(
+        [sys.executable, "-m", "fusedisk", *map(str, args)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+
+
+def refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in result.stderr, result.stderr
+
+
+def make_socket(path: Path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (os.mkfifo, "is a FIFO"),
+        (os.mkdir, "is a directory"),
+        (make_socket, "is a socket"),
+        (lambda p: os.symlink("/dev/zero", p), "is a character device"),
+    ],
+)
+def test_spec_filename_that_is_no_image_is_refused(
+    tmp_path: Path, write_spec: Callable[..., Path], make: Callable[[Path], None], kind: str
+) -> None:
+    make(tmp_path / "d0.img")
+    spec = write_spec(raw_spec())
+    (tmp_path / "mnt").mkdir()
+    for command in (("check", spec), ("mount", spec, tmp_path / "mnt")):
+        refused(fusedisk(*command), "node 'd0.file': option 'filename'", kind, "d0.img")
+
+
+@pytest.mark.parametrize("backing_fmt", ["raw", None])
+def test_backing_file_that_is_a_fifo_is_refused(
+    tmp_path: Path, write_spec: Callable[..., Path], backing_fmt: str | None
+) -> None:
+    (tmp_path / "base.img").write_bytes(bytes(1 << 20))
+    create_qcow2(tmp_path / "top.qcow2", 1 << 20, backing="base.img", backing_fmt=backing_fmt)
+    os.unlink(tmp_path / "base.img")
+    os.mkfifo(tmp_path / "base.img")
+    refused(fusedisk("check", write_spec(QCOW2_SPEC)), "node 'd0'", "its backing file", "FIFO")
+
+
+def test_data_file_that_is_a_fifo_is_refused(
+    tmp_path: Path, write_spec: Callable[..., Path]
+) -> None:
+    create_qcow2(tmp_path / "top.qcow2", 1 << 20, data_file="data.raw")
+    os.unlink(tmp_path / "data.raw")
+    os.mkfifo(tmp_path / "data.raw")
+    refused(fusedisk("check", write_spec(QCOW2_SPEC)), "node 'd0'", "its data file", "FIFO")
