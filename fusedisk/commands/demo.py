@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from fusedisk.commands import mount as mount_command
+from fusedisk.errors import SpecError
+from fusedisk.formats.hostfiles import write_new_file
 from fusedisk.formats.qcow2.create import create_qcow2
 
 DEMO_SPEC = """\
@@ -83,19 +85,21 @@ def prepare(folder: Path) -> Path:
     """Create the demo images (sparse) and spec in `folder`; returns the spec's path."""
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
+    for f in (folder, images):  # a folder someone else made in /tmp could hold their symlinks
+        if f.stat().st_uid != os.geteuid():
+            raise SpecError(f"{f}: not a folder of this user's; choose another demo folder")
     for name in QCOW2_IMAGES:
         if not (images / name).exists():
             create_qcow2(images / name, DISK_SIZE)
     scratch = images / "scratch.img"
     if not scratch.exists():
-        with open(scratch, "wb") as f:
-            f.truncate(DISK_SIZE)
+        write_new_file(scratch, b"", 0o644, replace=False)
+        os.truncate(scratch, DISK_SIZE)
     key = folder / "demo.key"
     if not key.exists():
-        key.write_bytes(os.urandom(32))
-        key.chmod(0o600)
+        write_new_file(key, os.urandom(32), 0o600, replace=False)
     spec = folder / "demo.toml"
-    spec.write_text(DEMO_SPEC)
+    write_new_file(spec, DEMO_SPEC.encode(), 0o644, replace=True)
     (folder / "mnt").mkdir(exist_ok=True)
     return spec
 

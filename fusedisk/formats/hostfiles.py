@@ -11,6 +11,7 @@ Every refusal is a sentence naming the node, the option and the file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -83,5 +84,26 @@ def read_head(path: str, length: int, where: str) -> bytes:
     fd, _ = open_host_file(path, False, where)
     try:
         return os.pread(fd, length, 0)
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: str | os.PathLike[str], data: bytes, mode: int, replace: bool) -> None:
+    """Create a file at a name fusedisk chose and write `data`: O_EXCL|O_NOFOLLOW, so
+    a symlink planted at the name is never followed (with `replace`, the old name,
+    symlink or not, is unlinked first; a symlink's target is left alone)."""
+    if replace:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as e:
+        raise OpenError(
+            f"cannot create '{path}': {e.strerror} (a name fusedisk chooses is never "
+            "written through a symlink)"
+        ) from None
+    try:
+        os.write(fd, data)
     finally:
         os.close(fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,21 @@ def expand(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def load_records(spec_path: Path) -> list[dict[str, Any]]:
     """The records of the log as written (a transaction is one record)."""
     path = state_path(spec_path)
-    try:
-        doc = json.loads(path.read_text())
+    try:  # fusedisk writes this file itself: a symlink or FIFO there is refused, unread
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            doc = json.loads(f.read())
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as e:
         raise SpecError(f"{path}: cannot read the recorded graph changes: {e}") from None
-    if doc.get("version") != STATE_VERSION or not isinstance(doc.get("changes"), list):
+    if (
+        not isinstance(doc, dict)
+        or doc.get("version") != STATE_VERSION
+        or not isinstance(doc.get("changes"), list)
+    ):
         raise SpecError(f"{path}: not a fusedisk state file of version {STATE_VERSION}")
     return list(doc["changes"])
 
@@ -68,7 +77,8 @@ def save_changes(spec_path: Path, changes: list[dict[str, Any]]) -> None:
     path = state_path(spec_path)
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps({"version": STATE_VERSION, "changes": changes}, indent=2) + "\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    tmp.unlink(missing_ok=True)  # a stale one, or a symlink planted there: never followed
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, data.encode())
         os.fsync(fd)

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from fusedisk.errors import OpenError, SpecError
+from fusedisk.formats.hostfiles import check_kind, open_host_file, read_head
 from fusedisk.formats.qcow2.layout import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
@@ -48,19 +49,21 @@ def _feature_table() -> bytes:
 
 def probe_format(path: str | Path) -> str:
     """'qcow2' if the file starts with the qcow2 magic, else 'raw'."""
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == MAGIC else "raw"
+    return "qcow2" if read_head(str(path), 4, "backing file") == MAGIC else "raw"
 
 
 def image_size(path: str | Path, fmt: str) -> int:
     """The virtual size of an existing image (for an overlay made without a size)."""
-    with open(path, "rb") as f:
+    fd, _ = open_host_file(str(path), False, "backing file")
+    try:
         if fmt == "qcow2":
-            head = f.read(32)
+            head = os.pread(fd, 32, 0)
             if head[:4] != MAGIC:
                 raise OpenError(f"'{path}' is not a qcow2 image")
             return int(struct.unpack_from(">Q", head, 24)[0])
-        return os.fstat(f.fileno()).st_size
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def create_qcow2(
@@ -84,7 +87,9 @@ def create_qcow2(
     `backing` is stored as given; a relative name is resolved against the
     folder of `path` (as QEMU does).  Without `size`, the backing file's
     size is used.  `backing_fmt` is probed when not given.  Refuses to
-    replace an existing file unless `overwrite`.  Raises SpecError for bad
+    replace an existing file unless `overwrite`, which unlinks the old name and
+    creates a new file (never writing through a symlink planted at the name:
+    O_EXCL|O_NOFOLLOW, docs/security.md).  Raises SpecError for bad
     parameters, OpenError when a file cannot be read or written.
     """
     path = Path(path)
@@ -209,12 +214,16 @@ def create_qcow2(
     for c in range(total):
         _set_refcount(refblocks, c, 1, refcount_bits)
 
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_EXCL | os.O_NOFOLLOW
     try:
+        if overwrite:
+            path.unlink(missing_ok=True)
         if data_file:
             data_path = data_file if os.path.isabs(data_file) else str(path.parent / data_file)
-            dfd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            dflags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+            dfd = os.open(data_path, dflags, 0o644)
             try:
+                check_kind(os.fstat(dfd), data_path, where)
                 if os.fstat(dfd).st_size < size:
                     os.ftruncate(dfd, size)
                 os.fsync(dfd)
