@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import trio
 
+from fusedisk.errors import CorruptImage
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.node import Node
 from fusedisk.spec import Spec, load_spec
@@ -17,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="validate a spec and print its trees, without mounting",
         description="Check SPEC as `mount` would (every image is opened, read-only, and "
         "nothing is written), print each disk's tree of nodes, and run the consistency "
-        "check of formats that have one (dedup). Exit status: 0 clean, 1 refused, "
-        "2 corruption found, 3 leaks only.",
+        "check of formats that have one (qcow2 refcounts as qemu-img check, dedup). Exit "
+        "status: 0 clean, 1 refused, 2 corruption found, 3 leaks only.",
     )
     p.add_argument("spec", help="the TOML spec file")
     p.set_defaults(func=run)
@@ -39,7 +41,7 @@ async def _check(spec: Spec) -> tuple[list[str], int]:
         for disk in graph.disks.values():
             lines.append(f"disk {disk.name}: {disk.size} bytes")
             lines += _tree_lines(disk.top, "", 1)
-        # Formats with a consistency check of their own (dedup) run it, read-only.
+        # Formats with a consistency check of their own (qcow2, dedup) run it, read-only.
         for node in graph.nodes.values():
             check = getattr(node, "check", None)
             if check is not None:
@@ -56,7 +58,11 @@ async def _check(spec: Spec) -> tuple[list[str], int]:
 
 def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    lines, status = trio.run(_check, spec)
+    try:
+        lines, status = trio.run(_check, spec)
+    except CorruptImage as e:  # found corrupt while opening: as qemu-img check, status 2
+        print(f"fusedisk: {e}", file=sys.stderr)
+        return 2
     for line in lines:
         print(line)
     return status

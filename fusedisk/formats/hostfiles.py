@@ -7,6 +7,12 @@ So a name is stat'ed first and refused unless it is a regular file or a block
 device; it is then opened with O_NONBLOCK (so a FIFO swapped in meanwhile cannot
 block the open either), checked again with fstat, and only then made blocking.
 Every refusal is a sentence naming the node, the option and the file.
+
+Names found in image headers (a qcow2's backing file and data file) are
+untrusted: the image may come from anyone, and the daemon may run as root.
+They resolve relative to the image's folder, as QEMU resolves them, and by
+default must stay inside the spec's folders (`header_file_path`); reaching
+elsewhere takes the node option `backing-files = "any"` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import fcntl
 import os
 import stat
 
-from fusedisk.errors import OpenError
+from fusedisk.errors import CorruptImage, OpenError
 
 _KINDS = (
     (stat.S_ISFIFO, "a FIFO"),
@@ -34,6 +40,11 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _no_nul(path: str, where: str) -> None:
+    if "\0" in path:
+        raise OpenError(f"{where}: the name {path!r} holds a NUL byte")
+
+
 def check_kind(st: os.stat_result, path: str, where: str) -> None:
     """Refuse anything but a regular file or block device."""
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -48,6 +59,7 @@ def open_host_file(
 ) -> tuple[int, os.stat_result]:
     """Open an image file without blocking (with O_DIRECT if `direct`); returns the
     descriptor and its fstat."""
+    _no_nul(path, where)
     try:
         check_kind(os.stat(path), path, where)
         flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_DIRECT if direct else 0)
@@ -72,11 +84,41 @@ def open_host_file(
 def check_header_file(path: str, where: str) -> None:
     """A file an image header names (backing file, data file), checked before any node
     opens it: it must exist and be a regular file or a block device."""
+    _no_nul(path, where)
     try:
         st = os.stat(path)
     except OSError as e:
         raise OpenError(f"{where}: cannot open '{path}': {e.strerror}") from None
     check_kind(st, path, where)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def header_file_path(
+    name: str, image_folder: str, roots: list[str], anywhere: bool, where: str
+) -> str:
+    """The path of a file an image header names, checked before anything opens it.
+
+    `name` resolves against `image_folder`; unless `anywhere`, the real path
+    (symlinks and `..` resolved) must lie in one of `roots` (real paths: the
+    spec's folder and the folder of the image the spec names).  It must be a
+    regular file or a block device.
+    """
+    if "\0" in name:
+        raise CorruptImage(f"{where}: its name {name!r} holds a NUL byte")
+    path = name if os.path.isabs(name) else os.path.join(image_folder, name)
+    if not anywhere:
+        real = os.path.realpath(path)
+        if not any(_inside(real, root) for root in roots):
+            raise OpenError(
+                f"{where}: '{name}' is '{real}', outside the spec's folders "
+                f"({', '.join(roots)}); set option 'backing-files' = \"any\" on this node "
+                "to let its image headers name files anywhere"
+            )
+    check_header_file(path, where)
+    return path
 
 
 def read_head(path: str, length: int, where: str) -> bytes:

@@ -33,7 +33,7 @@ import numpy as np
 import trio
 
 from fusedisk.errors import CorruptImage, NotSupported, OpenError
-from fusedisk.formats.hostfiles import check_header_file, read_head
+from fusedisk.formats.hostfiles import header_file_path, read_head
 from fusedisk.formats.qcow2.compress import decompress_cluster
 from fusedisk.formats.qcow2.create import create_qcow2
 from fusedisk.formats.qcow2.layout import (
@@ -98,6 +98,14 @@ class Qcow2Node(Node):
             _DEFAULT_REFCOUNT_CACHE,
             "bytes of refcount blocks kept in memory",
             minimum=0,
+        ),
+        Option(
+            "backing-files",
+            "str",
+            "spec-folders",
+            "where backing and data files named in image headers may be: spec-folders (the "
+            "spec's folder and the image's) or any",
+            choices=("spec-folders", "any"),
         ),
     )
     child_slots = (
@@ -229,6 +237,7 @@ class Qcow2Node(Node):
             h.refcount_table_offset, h.refcount_table_clusters, rc_tables,
             self._cluster_freed, self._meta_add,
         )  # fmt: skip
+        self.refs.is_metadata = self._meta.__contains__  # overlap check (refcount.py)
 
         # L2 tables: check the ones that fit in the cache now (they are read anyway)
         for off in [int(e) & OFFSET_MASK for e in l1.tolist()][: self.map.cache.capacity]:
@@ -275,12 +284,30 @@ class Qcow2Node(Node):
             self.map.cache.drop(cluster << self.cluster_bits)
             self.refs.cache.drop(cluster << self.cluster_bits)
 
-    def _relative(self, name: str) -> str:
-        if os.path.isabs(name):
-            return name
+    @property
+    def _header_folder(self) -> str:
+        """The folder that relative names in this image's header resolve against."""
         filename = self.file.node.options.get("filename")
-        base = Path(str(filename)).parent if filename else self.context.base_dir
-        return str(base / name)
+        return str(Path(str(filename)).parent if filename else self.context.base_dir)
+
+    @property
+    def _header_roots(self) -> list[str]:
+        """The spec's folders: the spec's own and the declared image's (inherited down
+        a backing chain opened from headers)."""
+        roots = self.options.get("_roots") or {
+            os.path.realpath(self.context.base_dir), os.path.realpath(self._header_folder)
+        }  # fmt: skip
+        return sorted(roots)
+
+    def _header_path(self, name: str, what: str) -> str:
+        """Where a file this image's header names is, if the spec lets it be there."""
+        anywhere = self.options.get("backing-files") == "any"
+        where = f"node '{self.name}': {self.where}: {what}"
+        return header_file_path(name, self._header_folder, self._header_roots, anywhere, where)
+
+    def _implicit_options(self) -> dict[str, Any]:
+        """What a node opened from this image's header inherits: where its own may point."""
+        return {"_roots": self._header_roots, "backing-files": self.options.get("backing-files")}
 
     async def _open_data_file(self) -> None:
         h = self.h
@@ -300,8 +327,7 @@ class Qcow2Node(Node):
                 f"node '{self.name}': {self.where} keeps its data in an external file that "
                 "the header does not name; give it as option 'data-file'"
             )
-        path = self._relative(h.data_file)
-        check_header_file(path, f"node '{self.name}': {self.where}: its data file")
+        path = self._header_path(h.data_file, "its data file")
         leaf = await self.context.open_implicit(
             self, "data-file", "file", {"filename": path, "read-only": self.read_only}
         )
@@ -315,7 +341,8 @@ class Qcow2Node(Node):
             return  # `backing = ""` in the spec: QEMU's backing=null
         if not h.backing_file:
             return
-        path = self._relative(h.backing_file)
+        where = f"node '{self.name}': {self.where}: its backing file"
+        path = self._header_path(h.backing_file, "its backing file")
         chain = tuple(self.options.get("_chain", ())) + (os.path.realpath(self.image_path),)
         real = os.path.realpath(path)
         if real in chain:
@@ -324,14 +351,13 @@ class Qcow2Node(Node):
         if len(chain) >= _MAX_CHAIN:
             raise CorruptImage(f"{self.where}: the backing chain is deeper than {_MAX_CHAIN}")
         fmt = h.backing_format
-        where = f"node '{self.name}': {self.where}: its backing file"
-        check_header_file(path, where)
         if fmt is None:
             fmt = "qcow2" if read_head(path, 4, where) == b"QFI\xfb" else "raw"
         if fmt == "qcow2":
             node = await self.context.open_implicit(
-                self, "backing", "qcow2", {"filename": path, "read-only": True, "_chain": chain}
-            )
+                self, "backing", "qcow2",
+                {"filename": path, "read-only": True, "_chain": chain, **self._implicit_options()},
+            )  # fmt: skip
         elif fmt in ("raw", "file"):
             node = await self.context.open_implicit(
                 self, "backing", "file", {"filename": path, "read-only": True}
@@ -518,7 +544,22 @@ class Qcow2Node(Node):
             return host + start if b & mask == mask else None
         if self.map.v3_zero and e & OFLAG_ZERO:
             return None
+        self._refuse_overlap(host)
         return host + start
+
+    def _refuse_overlap(self, host: int) -> None:
+        """QEMU's overlap check for a guest write into a cluster already allocated."""
+        if not self.h.has_data_file and host >> self.cluster_bits in self._meta:
+            raise CorruptImage(
+                f"{self.where}: a data cluster at {host:#x} overlaps metadata; refusing "
+                "to write (repair with 'qemu-img check -r all')"
+            )
+
+    async def check(self) -> Any:
+        """`fusedisk check`: refcounts against references, as qemu-img check (check.py)."""
+        from fusedisk.formats.qcow2.check import check_image
+
+        return await check_image(self)
 
     async def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
@@ -648,6 +689,7 @@ class Qcow2Node(Node):
         buf = bytearray(await self._old_content(span_start, span_len))
         buf[a - span_start : a - span_start + len(chunk)] = chunk
         host = e & OFFSET_MASK
+        self._refuse_overlap(host)
         await self.data_edge.write(host + (first << sb), bytes(buf))
         mask = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
         async with self._meta_lock:

@@ -101,6 +101,8 @@ class Refcounts:
         self._on_metadata = on_metadata
         self._growing = False
         self.allocations = 0
+        #: whether a cluster holds metadata (the driver sets it): never handed out
+        self.is_metadata: Callable[[int], bool] = lambda cluster: False
 
     # -- reading ------------------------------------------------------------
 
@@ -217,6 +219,7 @@ class Refcounts:
                     run_start -= carry
                     length += carry
                 if length >= count:
+                    self._refuse_overlap(run_start, count)
                     if first_free == run_start:
                         self.hint = run_start + count
                     elif first_free is not None:
@@ -227,6 +230,17 @@ class Refcounts:
             else:
                 carry = 0
             c = base + self.per_block
+
+    def _refuse_overlap(self, start: int, count: int) -> None:
+        """QEMU's overlap check at allocation: a cluster that holds metadata but whose
+        refcount says free must not be given to data or other metadata (it would be
+        overwritten: an L1 table destroyed by the first allocating write)."""
+        for c in range(start, start + count):
+            if self.is_metadata(c):
+                raise CorruptImage(
+                    f"{self.where}: cluster {c} holds metadata but its refcount is 0; "
+                    "refusing to write over it (repair with 'qemu-img check -r all')"
+                )
 
     async def _ensure_block(self, rt: int, reserved: set[int]) -> np.ndarray:
         if rt >= len(self.table):
