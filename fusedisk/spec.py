@@ -237,6 +237,8 @@ def parse_spec(text: str, path: Path) -> Spec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not valid TOML for fusedisk: nested too deeply") from None
     sections = _section_options()
     for key in doc:
         if key not in ("nodes", "disks", *sections):
@@ -308,9 +310,18 @@ def load_spec(path: str | Path) -> Spec:
     """Read and check the spec file at `path`."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise SpecError(f"{path}: cannot read the spec: {e.strerror}") from None
+    return spec_from_bytes(data, path)
+
+
+def spec_from_bytes(data: bytes, path: Path) -> Spec:
+    """Check a spec file's bytes: UTF-8 TOML, as the TOML standard says."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start]:#x})") from None
     return parse_spec(text, path)
 
 

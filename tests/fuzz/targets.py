@@ -1,0 +1,130 @@
+"""Fuzz targets: the parsers that read untrusted bytes (image headers and tables, the
+LUKS header, dedup metadata, the spec), each a function of one input.
+
+A target returns normally when its input is accepted or refused with a FuseDiskError
+(a sentence for the user); any other exception, a hang or runaway memory is a bug.
+The same functions replay the committed corpus in tests/test_fuzz.py and run under
+atheris in tests/fuzz/run.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from fusedisk.errors import FuseDiskError
+from fusedisk.filters import luks_header as lh
+from fusedisk.formats.dedup.layout import PAGE, TxnHeader, pick_superblock
+from fusedisk.graph.graph import Graph
+from fusedisk.spec import parse_spec, spec_from_bytes
+
+_FOLDER = Path(tempfile.mkdtemp(prefix="fusedisk-fuzz-", dir="/dev/shm" if os.path.isdir(
+    "/dev/shm") else None))  # fmt: skip
+atexit.register(shutil.rmtree, _FOLDER, ignore_errors=True)
+MAX_READ = 1 << 20  # guest bytes read from an image that opened
+
+
+def _write(name: str, data: bytes) -> Path:
+    path = _FOLDER / name
+    path.write_bytes(data)
+    return path
+
+
+async def _open_and_use(spec_text: str) -> None:
+    spec = parse_spec(spec_text, _FOLDER / "spec.toml")
+    graph = await Graph.open(spec, read_only=True)
+    try:
+        for disk in graph.disks.values():
+            n = min(disk.size, MAX_READ)
+            if n:
+                await disk.read(0, n)
+                await disk.read(disk.size - 1, 1)
+        for node in graph.nodes.values():
+            check = getattr(node, "check", None)
+            if check is not None:
+                (await check()).lines()
+    finally:
+        await graph.close(flush=False)
+
+
+def _refusals_only(fn: Callable[[], object]) -> None:
+    with contextlib.suppress(FuseDiskError):
+        fn()
+
+
+QCOW2_SPEC = """
+[nodes.d0]
+driver = "qcow2"
+filename = "img.qcow2"
+[disks.vm0]
+node = "d0"
+"""
+
+
+def qcow2_image(data: bytes) -> None:
+    """A whole qcow2 image: header, extensions, tables, L2s, snapshots; opened read-only,
+    read, and checked as `fusedisk check` does (backing name `base.raw` exists)."""
+    if not (_FOLDER / "base.raw").exists():
+        _write("base.raw", bytes(1 << 16))
+    _write("img.qcow2", data)
+    _refusals_only(lambda: trio.run(_open_and_use, QCOW2_SPEC))
+
+
+#: the metadata size `fusedisk dedup create --size 1M` makes (the corpus holds its first pages)
+DEDUP_METADATA_SIZE = 16822272
+DEDUP_SPEC = """
+[nodes.d0]
+driver = "dedup"
+metadata = { driver = "file", filename = "meta" }
+data = { driver = "file", filename = "data" }
+[disks.vm0]
+node = "d0"
+"""
+
+
+def dedup_metadata(data: bytes) -> None:
+    """Dedup metadata: superblock slots, journal transactions, then a read-only open."""
+    slots = [data[i * PAGE : (i + 1) * PAGE].ljust(PAGE, b"\0") for i in range(2)]
+    pick_superblock(slots)
+    TxnHeader.unpack(data[:PAGE].ljust(PAGE, b"\0"))
+    meta = _write("meta", data)
+    os.truncate(meta, max(len(data), DEDUP_METADATA_SIZE))  # the seeds' layout, sparse
+    if not (_FOLDER / "data").exists():
+        with open(_FOLDER / "data", "wb") as f:
+            f.truncate(1 << 20)
+    _refusals_only(lambda: trio.run(_open_and_use, DEDUP_SPEC))
+
+
+def luks_header(data: bytes) -> None:
+    """A LUKS1 header and, where PBKDF2 is cheap, a key slot tried with a wrong key."""
+
+    def parse() -> None:
+        hdr = lh.parse_header(data, len(data) + (1 << 20), "fuzz")
+        lh.dump(hdr)
+        for i, slot in enumerate(hdr.slots):
+            cheap = max(slot.iterations, hdr.mk_digest_iterations) <= 2000
+            if slot.enabled and cheap and slot.stripes <= 4000:
+                material = bytes(hdr.key_bytes * slot.stripes)
+                lh.open_key_slot(hdr, i, b"wrong", material)
+
+    _refusals_only(parse)
+
+
+def spec_file(data: bytes) -> None:
+    """The spec parser, from the file's bytes (any encoding, any nesting)."""
+    _refusals_only(lambda: spec_from_bytes(data, _FOLDER / "fuzz.toml"))
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "qcow2": qcow2_image,
+    "dedup": dedup_metadata,
+    "luks": luks_header,
+    "spec": spec_file,
+}
