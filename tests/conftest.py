@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -76,6 +77,14 @@ def run(*cmd: object) -> str:
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}{result.stderr}"
     return result.stdout
+
+
+def cli(*args: object, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`fusedisk ARGS` as a user runs it; a hang fails the test (TimeoutExpired)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fusedisk", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 def write_at(path: Path | str, offset: int, data: bytes) -> None:

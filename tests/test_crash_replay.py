@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ import trio
 
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import parse_spec
+from tests.conftest import cli
 from tests.crash_replay import (
     SECTOR,
     GuestOp,
@@ -25,6 +26,7 @@ from tests.crash_replay import (
     install,
     mismatches,
 )
+from tests.fuzz.targets import DEDUP_SPEC
 from tests.qcow2_helpers import create, needs_qemu
 
 SIZE = 4 << 20
@@ -34,7 +36,6 @@ QCOW2_SPEC = """
 [nodes.d0]
 driver = "qcow2"
 filename = "img.qcow2"
-{options}
 [disks.vm0]
 node = "d0"
 """
@@ -82,51 +83,64 @@ def qemu_img_check(image: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
 
 
+def record_and_replay(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_files: Callable[[Path], list[str]],
+    spec_text: str,
+    judge: Callable[[Path, str, int], bytes],
+    seed: int,
+) -> str:
+    """Run the workload on the files `make_files` makes, recording it; then judge every
+    crash state (`judge` checks the format and returns the disk's bytes) and check the
+    acknowledged writes.  Returns the counts, for the test's output."""
+    work, crash = tmp_path / "work", tmp_path / "crash"
+    work.mkdir()
+    crash.mkdir()
+    names = make_files(work)
+    for folder in (work, crash):
+        (folder / "spec.toml").write_text(spec_text)
+    base = {str(work / n): (work / n).read_bytes() for n in names}
+    recording = Recording()
+    install(recording, monkeypatch)
+    trio.run(run_workload, work / "spec.toml", recording, seed)
+    monkeypatch.undo()
+    points = cut_points(recording, BETWEEN, seed=seed + 1)
+    checked = reordered = 0
+    for state in crash_states(recording, base, points, crash, seed=seed + 2):
+        where = f"crash after {state.cut} host ops{' (reordered)' if state.reordered else ''}"
+        data = judge(crash, where, checked)
+        bad = mismatches(data, allowed_values(state.guest, state.acked, SIZE // SECTOR))
+        assert not bad, f"{where} ({state.acked} guest ops acked): {bad[:5]}"
+        checked += 1
+        reordered += state.reordered
+    assert checked >= 100
+    return (f"{checked} crash states checked, {reordered} of them reordered "
+            f"({recording.host_ops} host operations, {len(points)} cuts)")  # fmt: skip
+
+
 @needs_qemu
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("options", ["", "cluster_size=4096", "extended_l2=on"])
 def test_every_crash_state_of_a_qcow2_workload_is_consistent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: str
 ) -> None:
-    work, crash = tmp_path / "work", tmp_path / "crash"
-    work.mkdir()
-    crash.mkdir()
-    create(work / "img.qcow2", SIZE, *([options] if options else []))
-    for folder in (work, crash):
-        (folder / "spec.toml").write_text(QCOW2_SPEC.format(options=""))
-    base = {str(work / "img.qcow2"): (work / "img.qcow2").read_bytes()}
-    recording = Recording()
-    install(recording, monkeypatch)
-    trio.run(run_workload, work / "spec.toml", recording, 14)
-    monkeypatch.undo()
-    points = cut_points(recording, BETWEEN, seed=7)
-    checked = reordered = 0
-    for state in crash_states(recording, base, points, crash, seed=11):
-        where = f"crash after {state.cut} host ops{' (reordered)' if state.reordered else ''}"
+    def make(work: Path) -> list[str]:
+        create(work / "img.qcow2", SIZE, *([options] if options else []))
+        return ["img.qcow2"]
+
+    def judge(crash: Path, where: str, i: int) -> bytes:
         image = crash / "img.qcow2"
         result = qemu_img_check(image)
         assert result.returncode in (0, 3), f"{where}: {result.stdout}"
         data = trio.run(read_disk, crash / "spec.toml")
-        bad = mismatches(data, allowed_values(state.guest, state.acked, SIZE // SECTOR))
-        assert not bad, f"{where} ({state.acked} guest ops acked): {bad[:5]}"
-        if checked % 10 == 0:  # the next read-write open repairs what the crash left
+        if i % 10 == 0:  # the next read-write open repairs what the crash left
             assert trio.run(read_disk, crash / "spec.toml", True) == data
             assert qemu_img_check(image).returncode == 0, f"{where}: not repaired"
-        checked += 1
-        reordered += state.reordered
-    print(f"qcow2 {options or 'default'}: {checked} crash states checked, {reordered} of them "
-          f"reordered ({recording.host_ops} host operations, {len(points)} cuts)")  # fmt: skip
-    assert checked >= 100
+        return data
 
-
-DEDUP_SPEC = """
-[nodes.d0]
-driver = "dedup"
-metadata = { driver = "file", filename = "meta" }
-data = { driver = "file", filename = "data" }
-[disks.vm0]
-node = "d0"
-"""
+    counts = record_and_replay(tmp_path, monkeypatch, make, QCOW2_SPEC, judge, 14)
+    print(f"qcow2 {options or 'default'}: {counts}")
 
 
 async def dedup_check(spec_path: Path) -> tuple[int, list[str], bytes]:
@@ -144,31 +158,15 @@ async def dedup_check(spec_path: Path) -> tuple[int, list[str], bytes]:
 def test_every_crash_state_of_a_dedup_workload_is_consistent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    work, crash = tmp_path / "work", tmp_path / "crash"
-    work.mkdir()
-    crash.mkdir()
-    subprocess.run(
-        [sys.executable, "-m", "fusedisk", "dedup", "create", "--metadata", str(work / "meta"),
-         "--data", str(work / "data"), "--size", str(SIZE)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    for folder in (work, crash):
-        (folder / "spec.toml").write_text(DEDUP_SPEC)
-    base = {str(work / n): (work / n).read_bytes() for n in ("meta", "data")}
-    recording = Recording()
-    install(recording, monkeypatch)
-    trio.run(run_workload, work / "spec.toml", recording, 21)
-    monkeypatch.undo()
-    points = cut_points(recording, BETWEEN, seed=5)
-    checked = reordered = 0
-    for state in crash_states(recording, base, points, crash, seed=13):
-        where = f"crash after {state.cut} host ops{' (reordered)' if state.reordered else ''}"
+    def make(work: Path) -> list[str]:
+        meta, data = work / "meta", work / "data"
+        result = cli("dedup", "create", "--metadata", meta, "--data", data, "--size", SIZE)
+        assert result.returncode == 0, result.stderr
+        return ["meta", "data"]
+
+    def judge(crash: Path, where: str, i: int) -> bytes:
         status, lines, data = trio.run(dedup_check, crash / "spec.toml")
         assert status in (0, 3), f"{where}: fusedisk check: {lines}"
-        bad = mismatches(data, allowed_values(state.guest, state.acked, SIZE // SECTOR))
-        assert not bad, f"{where} ({state.acked} guest ops acked): {bad[:5]}"
-        checked += 1
-        reordered += state.reordered
-    print(f"dedup: {checked} crash states checked, {reordered} of them reordered "
-          f"({recording.host_ops} host operations, {len(points)} cuts)")  # fmt: skip
-    assert checked >= 100
+        return data
+
+    print(f"dedup: {record_and_replay(tmp_path, monkeypatch, make, DEDUP_SPEC, judge, 21)}")

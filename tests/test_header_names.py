@@ -6,15 +6,13 @@ root) read or write a host file the spec did not name.  Before, a backing name
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fusedisk.formats.qcow2.create import create_qcow2
-from tests.conftest import read_at
+from tests.conftest import cli, read_at
 from tests.mounting import Mount
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -29,13 +27,6 @@ filename = "images/top.qcow2"
 [disks.vm0]
 node = "d0"
 """
-
-
-def fusedisk(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fusedisk", *map(str, args)],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -68,7 +59,7 @@ def test_a_backing_name_outside_the_spec_folders_is_refused(layout: Path, how: s
         (layout / "images" / "innocent").symlink_to(secret)
         name = "innocent"
     top_with_backing(layout, name)
-    result = fusedisk("check", spec(layout))
+    result = cli("check", spec(layout))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     for words in ("node 'd0'", "its backing file", "outside the spec's folders",
                   "option 'backing-files'"):  # fmt: skip
@@ -81,7 +72,7 @@ def test_backing_files_any_lets_a_header_name_any_file(
 ) -> None:
     top_with_backing(layout, "../../outside/secret")
     s = spec(layout, 'backing-files = "any"\nread-only = true')
-    assert fusedisk("check", s).returncode == 0
+    assert cli("check", s).returncode == 0
     m = mount(s)
     assert read_at(m.path("vm0.img"), 0, len(SECRET)) == SECRET
 
@@ -105,7 +96,7 @@ def test_a_backing_chain_cannot_step_out_either(layout: Path) -> None:
     create_qcow2(mid, 1 << 20, backing="../../outside/secret", backing_fmt="raw")
     create_qcow2(layout / "images" / "top.qcow2", 1 << 20, backing="mid.qcow2",
                  backing_fmt="qcow2")  # fmt: skip
-    result = fusedisk("check", spec(layout))
+    result = cli("check", spec(layout))
     assert result.returncode == 1
     assert "mid.qcow2" in result.stderr and "outside the spec's folders" in result.stderr
 
@@ -115,7 +106,7 @@ def test_a_data_file_outside_the_spec_folders_is_refused(layout: Path) -> None:
     create_qcow2(layout / "images" / "top.qcow2", 1 << 20, data_file="top.data")
     os.unlink(layout / "images" / "top.data")
     (layout / "images" / "top.data").symlink_to(victim)  # the header's name leads outside
-    result = fusedisk("check", spec(layout))
+    result = cli("check", spec(layout))
     assert result.returncode == 1 and "its data file" in result.stderr
     assert "outside the spec's folders" in result.stderr
     assert victim.read_bytes() == SECRET

@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fusedisk.formats.qcow2.create import create_qcow2
-from tests.conftest import raw_spec
+from tests.conftest import cli, raw_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,14 +25,6 @@ filename = "top.qcow2"
 [disks.vm0]
 node = "d0"
 """
-
-
-def fusedisk(*args: object) -> subprocess.CompletedProcess[str]:
-    """The CLI; a hang is a failure (TimeoutExpired), not a stuck suite."""
-    return subprocess.run(
-        [sys.executable, "-m", "fusedisk", *map(str, args)],
-        capture_output=True, text=True, timeout=20,
-    )  # fmt: skip
 
 
 def refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -65,7 +56,7 @@ def test_spec_filename_that_is_no_image_is_refused(
     spec = write_spec(raw_spec())
     (tmp_path / "mnt").mkdir()
     for command in (("check", spec), ("mount", spec, tmp_path / "mnt")):
-        refused(fusedisk(*command), "node 'd0.file': option 'filename'", kind, "d0.img")
+        refused(cli(*command), "node 'd0.file': option 'filename'", kind, "d0.img")
 
 
 @pytest.mark.parametrize("backing_fmt", ["raw", None])
@@ -76,7 +67,7 @@ def test_backing_file_that_is_a_fifo_is_refused(
     create_qcow2(tmp_path / "top.qcow2", 1 << 20, backing="base.img", backing_fmt=backing_fmt)
     os.unlink(tmp_path / "base.img")
     os.mkfifo(tmp_path / "base.img")
-    refused(fusedisk("check", write_spec(QCOW2_SPEC)), "node 'd0'", "its backing file", "FIFO")
+    refused(cli("check", write_spec(QCOW2_SPEC)), "node 'd0'", "its backing file", "FIFO")
 
 
 def test_data_file_that_is_a_fifo_is_refused(
@@ -85,4 +76,4 @@ def test_data_file_that_is_a_fifo_is_refused(
     create_qcow2(tmp_path / "top.qcow2", 1 << 20, data_file="data.raw")
     os.unlink(tmp_path / "data.raw")
     os.mkfifo(tmp_path / "data.raw")
-    refused(fusedisk("check", write_spec(QCOW2_SPEC)), "node 'd0'", "its data file", "FIFO")
+    refused(cli("check", write_spec(QCOW2_SPEC)), "node 'd0'", "its data file", "FIFO")

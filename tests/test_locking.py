@@ -7,14 +7,13 @@ Through the real CLI and mount, with qemu-io and qemu-img on the other side
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image, raw_spec, write_at
+from tests.conftest import cli, make_image, raw_spec, write_at
 from tests.mounting import Mount, MountError
 from tests.qcow2_helpers import create, needs_qemu, qemu_img
 
@@ -29,13 +28,6 @@ file = {{ driver = "file", filename = "d0.qcow2"{file_options} }}
 [disks.vm0]
 node = "d0"
 """
-
-
-def fusedisk(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fusedisk", *map(str, args)],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
 
 
 @contextmanager
@@ -115,14 +107,14 @@ def test_fusedisk_refuses_an_image_qemu_has_open(
     (tmp_path / "m").mkdir()
     with qemu_holding(image, "-f", "qcow2"):
         for command in (("check", spec), ("mount", spec, tmp_path / "m")):
-            result = fusedisk(*command)
+            result = cli(*command)
             assert result.returncode == 1, result
             assert "node 'd0.file': option 'filename'" in result.stderr
             assert "Failed to get" in result.stderr and '"write" lock' in result.stderr
             assert "Traceback" not in result.stderr
     ro = qcow2_spec(file_options=", read-only = true")
     with qemu_holding(image, "-f", "qcow2"):
-        result = fusedisk("check", ro)
+        result = cli("check", ro)
         assert result.returncode == 1 and 'shared "write" lock' in result.stderr
 
 
@@ -136,7 +128,7 @@ def test_read_only_opens_coexist(
     qemu_img("info", image)
     assert qemu_io_rc(image, "-r", "-f", "qcow2", "-c", "read 0 512").returncode == 0
     with qemu_holding(image, "-r", "-f", "qcow2"):
-        assert fusedisk("check", spec).returncode == 0
+        assert cli("check", spec).returncode == 0
     rw = qemu_io_rc(image, "-f", "qcow2", "-c", "write 0 512")
     assert rw.returncode != 0 and 'Failed to get "write" lock' in rw.stderr
 
@@ -147,13 +139,13 @@ def test_locking_off_opens_an_image_in_use(
     image = tmp_path / "d0.qcow2"
     spec = qcow2_spec(file_options=', locking = "off"', node_options="read-only = true")
     with qemu_holding(image, "-f", "qcow2"):
-        assert fusedisk("check", spec).returncode == 0
+        assert cli("check", spec).returncode == 0
         m = mount(spec)
         assert (m.path("vm0", "nodes", "d0.file", "options", "locking").read_text().strip()
                 == "off")  # fmt: skip
 
 
 def test_locking_option_is_checked(qcow2_spec: Callable[..., Path]) -> None:
-    result = fusedisk("check", qcow2_spec(file_options=', locking = "maybe"'))
+    result = cli("check", qcow2_spec(file_options=', locking = "maybe"'))
     assert result.returncode == 1
     assert "option 'locking'" in result.stderr and "Traceback" not in result.stderr

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_at
+from tests.conftest import cli, write_at
 from tests.mounting import Mount
 from tests.qcow2_helpers import create, header_field, needs_qemu, patch, qemu_io
 
@@ -114,11 +113,6 @@ def qemu_check(image: Path) -> tuple[int, dict[str, int]]:
     return proc.returncode, report
 
 
-def fusedisk_check(spec: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fusedisk", "check", str(spec)],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
-
-
 @pytest.mark.parametrize(("name", "damage"), CASES, ids=[c[0] for c in CASES])
 def test_fusedisk_check_agrees_with_qemu_img_check(
     tmp_path: Path, write_spec: Callable[..., Path], name: str, damage: Callable[[Path], None]
@@ -127,7 +121,7 @@ def test_fusedisk_check_agrees_with_qemu_img_check(
     damage(image)
     before = image.read_bytes()
     qemu_rc, qemu = qemu_check(image)
-    ours = fusedisk_check(write_spec(SPEC))
+    ours = cli("check", write_spec(SPEC), timeout=60)
     assert "Traceback" not in ours.stderr
     assert ours.returncode == qemu_rc, (
         f"qemu-img: {qemu_rc} {qemu}\nfusedisk:\n{ours.stdout}{ours.stderr}"

@@ -16,17 +16,10 @@ import pytest
 from tests.conftest import read_at, write_at
 from tests.mounting import Mount, MountError
 from tests.qcow2_helpers import create, needs_qemu
+from tests.test_snapshot import SPEC
 
 pytestmark = [needs_qemu, pytest.mark.mount, pytest.mark.timeout(90)]
 
-SPEC = """
-[nodes.d0]
-driver = "qcow2"
-filename = "images/d0.qcow2"
-
-[disks.vm0]
-node = "d0"
-"""
 PRECIOUS = b"precious data that no snapshot may touch\n" * 100
 
 
