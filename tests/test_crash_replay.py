@@ -26,19 +26,12 @@ from tests.crash_replay import (
     install,
     mismatches,
 )
-from tests.fuzz.targets import DEDUP_SPEC
+from tests.fuzz.targets import DEDUP_SPEC, QCOW2_SPEC
 from tests.qcow2_helpers import create, needs_qemu
 
 SIZE = 4 << 20
 OPS = int(os.environ.get("FUSEDISK_REPLAY_OPS", "120"))
 BETWEEN = int(os.environ.get("FUSEDISK_REPLAY_BETWEEN", "2"))
-QCOW2_SPEC = """
-[nodes.d0]
-driver = "qcow2"
-filename = "img.qcow2"
-[disks.vm0]
-node = "d0"
-"""
 
 
 async def run_workload(spec_path: Path, recording: Recording, seed: int) -> None:
