@@ -4,9 +4,12 @@ that blocks (before, a FIFO hung `check` and `mount` forever)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +17,9 @@ import pytest
 
 from fusedisk.formats.qcow2.create import create_qcow2
 from tests.conftest import cli, raw_spec
+from tests.mounting import Mount
+from tests.test_quorum_mount import SIZE, make_children
+from tests.test_quorum_mount import spec as quorum_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,3 +83,27 @@ def test_data_file_that_is_a_fifo_is_refused(
     os.unlink(tmp_path / "data.raw")
     os.mkfifo(tmp_path / "data.raw")
     refused(cli("check", write_spec(QCOW2_SPEC)), "node 'd0'", "its data file", "FIFO")
+
+
+@pytest.mark.mount
+def test_a_quorum_replace_onto_a_spare_with_a_fifo_backing_fails_and_the_mount_lives(
+    tmp_path: Path, write_spec: Callable[..., Path], mount: Callable[..., Mount]
+) -> None:
+    """Before, the spare's open blocked on the FIFO and froze the whole mount."""
+    make_children(tmp_path)
+    os.mkfifo(tmp_path / "spare-base.raw")
+    create_qcow2(tmp_path / "spare.qcow2", SIZE, backing="spare-base.raw", backing_fmt="raw")
+    m = mount(write_spec(quorum_spec(spare=True)))
+    q = m.path("vm0", "nodes", "q")
+    with contextlib.suppress(OSError):
+        (q / "replace").write_text("children.1 spare\n")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = json.loads((q / "replace").read_text())
+        if state.get("state") != "running":
+            break
+        time.sleep(0.05)
+    assert "FIFO" in json.dumps(state) + m.log, (state, m.log)
+    assert os.readlink(q / "children" / "children.1") == "../../c1"  # unchanged
+    assert sorted(os.listdir(m.mountpoint))  # the mount still answers
+    assert m.path("vm0.img").read_bytes()[:4] == b"\x5a" * 4
