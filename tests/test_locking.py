@@ -149,3 +149,19 @@ def test_locking_option_is_checked(qcow2_spec: Callable[..., Path]) -> None:
     result = cli("check", qcow2_spec(file_options=', locking = "maybe"'))
     assert result.returncode == 1
     assert "option 'locking'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_snapshot_base_takes_read_only_locks(
+    tmp_path: Path, qcow2_spec: Callable[..., Path], mount: Callable[..., Mount]
+) -> None:
+    """As after QEMU's snapshot (the base reopened read-only): others may read the base,
+    nobody may write it, and the new overlay is locked read-write."""
+    m = mount(qcow2_spec())
+    m.path("vm0", "snapshot").write_text("s1\n")
+    base, overlay = tmp_path / "d0.qcow2", tmp_path / "d0.s1.qcow2"
+    qemu_img("info", base)  # no -U needed any more
+    rw = qemu_io_rc(base, "-f", "qcow2", "-c", "write 0 512")
+    assert rw.returncode != 0 and 'Failed to get "write" lock' in rw.stderr
+    rw = qemu_io_rc(overlay, "-f", "qcow2", "-c", "write 0 512")
+    assert rw.returncode != 0 and 'Failed to get "write" lock' in rw.stderr
+    write_at(m.path("vm0.img"), 0, b"after" * 100)  # the disk still writes

@@ -181,6 +181,10 @@ class FileNode(Node):
                 f"'{self.path}' fail: {e.strerror}"
             ) from None
 
+    async def prepare_read_only(self) -> None:
+        if self.lock is not None:
+            self.lock.downgrade()  # others may now open the file read-only
+
     async def close(self) -> None:
         if self.lock is not None:
             self.lock.release()

@@ -137,6 +137,18 @@ class ImageLock:
         self._key = key
         self._token = token
 
+    def downgrade(self) -> None:
+        """The node will only read from now on (a snapshot's base): hold read-only locks,
+        so others may open the file read-only, as with QEMU's reopen."""
+        inode = _inodes.get(self._key)
+        if inode is None or self._token not in inode.holders:
+            return
+        before = _bytes_of([c for _, c in inode.holders.values()])
+        owner, _ = inode.holders[self._token]
+        inode.holders[self._token] = (owner, READER)
+        with contextlib.suppress(OSError):
+            _apply(inode.fd, before, _bytes_of([c for _, c in inode.holders.values()]))
+
     def release(self) -> None:
         inode = _inodes.get(self._key)
         if inode is None or self._token not in inode.holders:
