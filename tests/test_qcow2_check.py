@@ -151,3 +151,13 @@ def test_a_write_never_lands_on_an_l1_table_whose_refcount_says_free(
                           "-c", "read -P 0x22 4M 64k", str(image)],
                          capture_output=True, text=True).stdout  # fmt: skip
     assert "Pattern verification failed" not in out and out.count("read ") == 2, out
+
+
+def test_an_image_with_persistent_bitmaps_is_checked_without_its_refcounts(
+    tmp_path: Path, write_spec: Callable[..., Path]
+) -> None:
+    image = image_with_data(tmp_path)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
+    ours = cli("check", write_spec(SPEC))
+    assert ours.returncode == 0, ours.stderr
+    assert "persistent bitmaps: refcounts not checked" in ours.stdout
