@@ -206,7 +206,7 @@ def lock_image(fd: int, owner: Owner, mode: str, where: str) -> ImageLock | None
             ) from None
         if mode == "auto" and e.errno in _NO_LOCKS:
             return None
-        raise OpenError(f'{where}: cannot lock the file (locking = "on"): {e.strerror}') from None
+        raise OpenError(f"{where}: cannot lock the file (option 'locking'): {e.strerror}") from None
     token = next(_tokens)
     inode.holders[token] = (owner, claim)
     _inodes[key] = inode
