@@ -165,3 +165,16 @@ def test_a_snapshot_base_takes_read_only_locks(
     rw = qemu_io_rc(overlay, "-f", "qcow2", "-c", "write 0 512")
     assert rw.returncode != 0 and 'Failed to get "write" lock' in rw.stderr
     write_at(m.path("vm0.img"), 0, b"after" * 100)  # the disk still writes
+
+
+def test_check_of_a_mounted_spec_is_refused_unless_force_share(
+    qcow2_spec: Callable[..., Path], mount: Callable[..., Mount]
+) -> None:
+    spec = qcow2_spec()
+    m = mount(spec)
+    write_at(m.path("vm0.img"), 0, b"x" * 4096)
+    refused = cli("check", spec)
+    assert refused.returncode == 1 and 'Failed to get shared "write" lock' in refused.stderr
+    shared = cli("check", "-U", spec)
+    assert shared.returncode in (0, 3), shared.stdout + shared.stderr  # in use: leaks at most
+    assert "d0 (qcow2" in shared.stdout
