@@ -61,6 +61,9 @@ KEY_DISABLED = 0x0000DEAD
 ALIGN_KEYSLOTS = 4096  # bytes: first key slot, and each slot's area, aligned so
 ALIGN_PAYLOAD = 1 << 20  # bytes: where the payload starts, as cryptsetup does
 MIN_ITERATIONS = 1000  # cryptsetup's floor for key slots and the master-key digest
+#: PBKDF2 (cryptography's, in Rust) panics past a signed 32-bit count; cryptsetup's own
+#: benchmark never goes near it
+MAX_ITERATIONS = (1 << 31) - 1
 MKD_ITER_MS = 125  # master-key digest iterations: this many ms worth (cryptsetup)
 MAX_KEY_FILE = 8 << 20  # cryptsetup's default limit on --key-file
 
@@ -229,8 +232,8 @@ def check_header(hdr: LuksHeader, device_size: int, where: str) -> None:
         make_sector_cipher(hdr.cipher_name, hdr.cipher_mode, bytes(hdr.key_bytes))
     except CipherSpecError as e:
         raise OpenError(f"{where}: {e}") from None
-    if hdr.mk_digest_iterations == 0:
-        raise damaged("master-key digest has 0 iterations")
+    if not 0 < hdr.mk_digest_iterations <= MAX_ITERATIONS:
+        raise damaged(f"master-key digest has {hdr.mk_digest_iterations} iterations")
     payload = hdr.payload_bytes
     if payload == 0:
         raise OpenError(f"{where}: a detached LUKS header (payload offset 0) is not supported")
@@ -244,8 +247,11 @@ def check_header(hdr: LuksHeader, device_size: int, where: str) -> None:
             continue
         if slot.iterations == 0:
             raise damaged(f"key slot {i} has 0 iterations")
-        if slot.stripes == 0:
-            raise damaged(f"key slot {i} has 0 stripes")
+        if slot.stripes != STRIPES:  # cryptsetup and QEMU refuse any other count too
+            raise damaged(f"key slot {i} has {slot.stripes} stripes instead of {STRIPES}")
+        if slot.iterations > MAX_ITERATIONS:
+            raise damaged(f"key slot {i} has {slot.iterations} PBKDF2 iterations "
+                          f"(at most {MAX_ITERATIONS} can run)")  # fmt: skip
         start = slot.key_offset * SECTOR
         end = start + hdr.material_size(slot)
         if start < HEADER_SIZE or end > payload:
