@@ -21,13 +21,14 @@ from fusedisk.graph.node import ChildSlot, Node
 from fusedisk.graph.options import REQUIRED, Option, OptionValueError, option_table
 from fusedisk.graph.registry import drivers
 
+_MAX_ID = (1 << 32) - 2  # uid_t; (uid_t)-1 means "no change" to chown
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
 DISK_OPTIONS = option_table(
     Option("node", "str", REQUIRED, "the top node of the disk"),
     Option("mode", "int", 0o600, "permission bits of <disk>.img", minimum=0, maximum=0o7777),
-    Option("uid", "int", 0, "owner of <disk>.img", minimum=0),
-    Option("gid", "int", 0, "group of <disk>.img", minimum=0),
+    Option("uid", "int", 0, "owner of <disk>.img", minimum=0, maximum=_MAX_ID),
+    Option("gid", "int", 0, "group of <disk>.img", minimum=0, maximum=_MAX_ID),
     Option("read-only", "bool", False, "refuse writes to the disk"),
     Option(
         "detect-zeroes",
@@ -197,6 +198,19 @@ def _check_name(parser: _Parser, where: str, name: str) -> None:
         raise parser.fail(where, "a name may hold letters, digits and _ . + - only")
 
 
+def _check_mount_entries(parser: _Parser, disks: Mapping[str, Any], sections: Any) -> None:
+    """Each disk shows as NAME.img and NAME/ at the mount's root, beside last-error and
+    one folder per section: no two may share a name."""
+    owners = {name: "a control entry of the mount" for name in ("last-error", *sections)}
+    for disk in disks:
+        for entry in (disk, f"{disk}.img"):
+            if entry in owners:
+                raise parser.fail(
+                    f"disk '{disk}'", f"its mount entry '{entry}' is also {owners[entry]}"
+                )
+            owners[entry] = f"disk '{disk}''s"
+
+
 def _check_references(parser: _Parser, spec: Spec) -> None:
     used_by: dict[str, str] = {}
 
@@ -275,6 +289,7 @@ def parse_spec(text: str, path: Path) -> Spec:
             growable=values["growable"],
         )
 
+    _check_mount_entries(parser, disks, sections)
     extra: dict[str, dict[str, dict[str, Any]]] = {}
     for section, options in sections.items():
         extra[section] = {}

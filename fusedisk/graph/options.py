@@ -8,6 +8,8 @@ control-file write (text), so each kind parses both.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -67,14 +69,15 @@ def _parse_int(value: Any) -> int:
 def _parse_float(value: Any) -> float:
     if isinstance(value, bool):
         raise OptionValueError(f"expected a number, got {value!r}")
+    number: float | None = None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise OptionValueError(f"expected a number, got {value!r}")
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value.strip())
+    if number is None or not math.isfinite(number):  # nan passes every range check
+        raise OptionValueError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def _parse_bool(value: Any) -> bool:
