@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -122,9 +123,71 @@ def spec_file(data: bytes) -> None:
     _refusals_only(lambda: spec_from_bytes(data, _FOLDER / "fuzz.toml"))
 
 
+FUSE_SPEC = """
+[nodes.d0]
+driver = "raw"
+filename = "fuse.img"
+[disks.vm0]
+node = "d0"
+"""
+
+
+class _Unexpected(logging.Handler):
+    """Collects what the FUSE layer logs as an unexpected error (an escaped exception)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "unexpected error" in record.getMessage():
+            self.seen.append(self.format(record))
+
+
+async def _serve_requests(data: bytes) -> list[str]:
+    from fusedisk.fuse.filesystem import MountFilesystem
+    from fusedisk.fuse.kernel import protocol as p
+    from fusedisk.fuse.kernel.session import KernelSession
+
+    graph = await Graph.open(parse_spec(FUSE_SPEC, _FOLDER / "spec.toml"))
+    sink = os.open(os.devnull, os.O_WRONLY)
+    handler = _Unexpected()
+    logging.getLogger("fusedisk").addHandler(handler)
+    try:
+        session = KernelSession(MountFilesystem(graph), sink)
+        view = memoryview(session.buffer)
+        async with trio.open_nursery() as requests:
+            pos = 0
+            while pos + p.IN_HEADER.size <= len(data):  # requests, each led by its length
+                length = max(p.IN_HEADER.size, int.from_bytes(data[pos : pos + 4], "little"))
+                request = bytearray(data[pos : pos + min(length, 1 << 16)])
+                request[0:4] = len(request).to_bytes(4, "little")
+                session.buffer[: len(request)] = request
+                session._dispatch(view, len(request), requests)
+                pos += len(request)
+                await trio.lowlevel.checkpoint()
+    finally:
+        logging.getLogger("fusedisk").removeHandler(handler)
+        os.close(sink)
+        await graph.close(flush=False)
+    return handler.seen
+
+
+def fuse_requests(data: bytes) -> None:
+    """FUSE requests as the kernel sends them (a sequence, each led by its length) to
+    the kernel transport's dispatcher, over a raw disk: nothing may escape a handler."""
+    if not (_FOLDER / "fuse.img").exists():
+        with open(_FOLDER / "fuse.img", "wb") as f:
+            f.truncate(1 << 20)
+    seen = trio.run(_serve_requests, data)
+    if seen:
+        raise AssertionError(f"an exception escaped a FUSE handler: {seen[0]}")
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "qcow2": qcow2_image,
     "dedup": dedup_metadata,
     "luks": luks_header,
     "spec": spec_file,
+    "fuse": fuse_requests,
 }
