@@ -80,6 +80,30 @@ def qcow2_image(data: bytes) -> None:
 
 #: the metadata size `fusedisk dedup create --size 1M` makes (the corpus holds its first pages)
 DEDUP_METADATA_SIZE = 16822272
+async def _open_and_write(spec_text: str) -> None:
+    spec = parse_spec(spec_text, _FOLDER / "spec.toml")
+    graph = await Graph.open(spec)
+    try:
+        disk = graph.disks["vm0"]
+        for offset, length in ((0, 4096), (disk.size // 2, 70000), (disk.size - 512, 512)):
+            offset = max(0, min(offset, disk.size - length))
+            if 0 < length <= disk.size:
+                await disk.write(offset, b"\xa5" * length)
+        await disk.discard(0, min(disk.size, 1 << 20))
+        await disk.flush()
+    finally:
+        await graph.close()
+
+
+def qcow2_image_written(data: bytes) -> None:
+    """The same image opened read-write (a dirty one is repaired first), written at the
+    start, middle and end, discarded and flushed: what a hostile image meets in a mount."""
+    if not (_FOLDER / "base.raw").exists():
+        _write("base.raw", bytes(1 << 16))
+    _write("img.qcow2", data)
+    _refusals_only(lambda: trio.run(_open_and_write, QCOW2_SPEC))
+
+
 DEDUP_SPEC = """
 [nodes.d0]
 driver = "dedup"
@@ -186,6 +210,7 @@ def fuse_requests(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "qcow2": qcow2_image,
+    "qcow2-rw": qcow2_image_written,
     "dedup": dedup_metadata,
     "luks": luks_header,
     "spec": spec_file,
