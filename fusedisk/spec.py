@@ -198,17 +198,17 @@ def _check_name(parser: _Parser, where: str, name: str) -> None:
         raise parser.fail(where, "a name may hold letters, digits and _ . + - only")
 
 
-def _check_mount_entries(parser: _Parser, disks: Mapping[str, Any], sections: Any) -> None:
-    """Each disk shows as NAME.img and NAME/ at the mount's root, beside last-error and
-    one folder per section: no two may share a name."""
-    owners = {name: "a control entry of the mount" for name in ("last-error", *sections)}
+def _check_disk_entries(parser: _Parser, disks: Mapping[str, Any]) -> None:
+    """Each disk shows as NAME.img and NAME/ at the mount's root: no two disks may share
+    an entry (disks `a` and `a.img`); the root's own files are checked in parse_spec."""
+    owners: dict[str, str] = {}
     for disk in disks:
         for entry in (disk, f"{disk}.img"):
             if entry in owners:
                 raise parser.fail(
-                    f"disk '{disk}'", f"its mount entry '{entry}' is also {owners[entry]}"
+                    f"disk '{disk}'", f"its mount entry '{entry}' is also disk '{owners[entry]}''s"
                 )
-            owners[entry] = f"disk '{disk}''s"
+            owners[entry] = disk
 
 
 def _check_references(parser: _Parser, spec: Spec) -> None:
@@ -289,7 +289,7 @@ def parse_spec(text: str, path: Path) -> Spec:
             growable=values["growable"],
         )
 
-    _check_mount_entries(parser, disks, sections)
+    _check_disk_entries(parser, disks)
     extra: dict[str, dict[str, dict[str, Any]]] = {}
     for section, options in sections.items():
         extra[section] = {}
