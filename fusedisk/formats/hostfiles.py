@@ -13,6 +13,9 @@ untrusted: the image may come from anyone, and the daemon may run as root.
 They resolve relative to the image's folder, as QEMU resolves them, and by
 default must stay inside the spec's folders (`header_file_path`); reaching
 elsewhere takes the node option `backing-files = "any"` (docs/security.md).
+
+Files fusedisk creates at names it chooses (`write_new_file`) are made with
+O_EXCL|O_NOFOLLOW, so a symlink planted at the name is never followed.
 """
 
 from __future__ import annotations
