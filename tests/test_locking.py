@@ -178,3 +178,18 @@ def test_check_of_a_mounted_spec_is_refused_unless_force_share(
     shared = cli("check", "-U", spec)
     assert shared.returncode in (0, 3), shared.stdout + shared.stderr  # in use: leaks at most
     assert "d0 (qcow2" in shared.stdout
+
+
+def test_a_committed_base_is_locked_read_write_again(
+    tmp_path: Path, qcow2_spec: Callable[..., Path], mount: Callable[..., Mount]
+) -> None:
+    m = mount(qcow2_spec())
+    m.path("vm0", "snapshot").write_text("s1\n")
+    write_at(m.path("vm0.img"), 0, b"into the overlay" * 64)
+    m.path("vm0", "commit").write_text("\n")
+    m.path("vm0", "job").write_text("wait\n")  # returns when the job has ended
+    base = tmp_path / "d0.qcow2"
+    rw = qemu_io_rc(base, "-f", "qcow2", "-c", "write 0 512")
+    assert rw.returncode != 0 and 'Failed to get "write" lock' in rw.stderr
+    assert "Failed to get shared" in qemu_img("info", base, ok=(1,)).stderr
+    write_at(m.path("vm0.img"), 4096, b"after the commit" * 64)

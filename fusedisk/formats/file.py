@@ -185,6 +185,10 @@ class FileNode(Node):
         if self.lock is not None:
             self.lock.downgrade()  # others may now open the file read-only
 
+    async def prepare_writable(self) -> None:
+        if self.lock is not None:
+            self.lock.upgrade(f"node '{self.name}': option 'filename': '{self.path}'")
+
     async def close(self) -> None:
         if self.lock is not None:
             self.lock.release()

@@ -140,14 +140,28 @@ class ImageLock:
     def downgrade(self) -> None:
         """The node will only read from now on (a snapshot's base): hold read-only locks,
         so others may open the file read-only, as with QEMU's reopen."""
+        with contextlib.suppress(OSError, LockConflict):
+            self._reclaim(READER)
+
+    def upgrade(self, where: str) -> None:
+        """The node writes again (a snapshot undone, a commit's base): take the read-write
+        locks back, refused if another process opened the file meanwhile."""
+        try:
+            self._reclaim(WRITER)
+        except LockConflict as e:
+            with contextlib.suppress(OSError, LockConflict):
+                self._reclaim(READER)
+            raise OpenError(f"{where} is in use by another process ({e})") from None
+
+    def _reclaim(self, claim: Claim) -> None:
         inode = _inodes.get(self._key)
         if inode is None or self._token not in inode.holders:
             return
         before = _bytes_of([c for _, c in inode.holders.values()])
         owner, _ = inode.holders[self._token]
-        inode.holders[self._token] = (owner, READER)
-        with contextlib.suppress(OSError):
-            _apply(inode.fd, before, _bytes_of([c for _, c in inode.holders.values()]))
+        inode.holders[self._token] = (owner, claim)
+        _apply(inode.fd, before, _bytes_of([c for _, c in inode.holders.values()]))
+        _check(inode.fd, claim)
 
     def release(self) -> None:
         inode = _inodes.get(self._key)
