@@ -144,9 +144,11 @@ def test_a_bad_address_or_busy_socket_is_refused_with_a_sentence(tmp_path, write
     assert result.returncode == 1 and "cannot listen for NBD" in result.stderr, result.stderr
     assert (tmp_path / "plain").read_text() == "not a socket"
     server = Server(spec, tmp_path / "busy.sock")
+    make_image(tmp_path / "d1.img", MiB)  # its own image: d0.img is locked by the first
+    other = write_spec(raw_spec("d1.img"), "other.toml")
     try:  # a second daemon does not steal a live daemon's socket
         result = run_tool(os.sys.executable, "-m", "fusedisk", "serve", "--nbd",
-                          f"unix:{tmp_path / 'busy.sock'}", spec, check=False)  # fmt: skip
+                          f"unix:{tmp_path / 'busy.sock'}", other, check=False)  # fmt: skip
         assert result.returncode == 1 and "another server listens" in result.stderr
         run_tool("nbdinfo", "--size", server.uri)
     finally:

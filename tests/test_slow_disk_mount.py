@@ -55,7 +55,8 @@ file = {{ driver = "file", filename = "{slow_host_file}", aio = "{aio}" }}
 
 [nodes.fast]
 driver = "raw"
-filename = "fast.img"
+# the backing mount has fast.img open too: share it knowingly (image locking)
+file = {{ driver = "file", filename = "fast.img", locking = "off" }}
 
 [disks.slow]
 node = "slow"
