@@ -220,7 +220,9 @@ def test_two_operations_started_together(tmp_path: Path, tree: str, a: str, b: s
         for op, err, why in results:
             assert err in (0, errno.EBUSY, errno.EOPNOTSUPP, errno.EINVAL), (op, err, why)
             if err == errno.EBUSY:
-                assert "refused" in why and "is running" in why, why
+                # last-error keeps the last refusal: a truncate refused at the same time
+                # may have written its own reason over this one
+                assert ("refused" in why and "is running" in why) or "(truncate)" in why, why
             elif err:
                 assert why.strip(), (op, err)
         if any(op == "revert" and err == 0 for op, err, _ in results) and not writer:
