@@ -142,9 +142,9 @@ class Option:
             allowed = ", ".join(repr(c) for c in self.choices)
             raise OptionValueError(f"expected one of {allowed}, got {value!r}")
         if self.minimum is not None and parsed < self.minimum:
-            raise OptionValueError(f"must be at least {self.minimum:g}, got {value!r}")
+            raise OptionValueError(f"must be at least {_bound(self.minimum)}, got {value!r}")
         if self.maximum is not None and parsed > self.maximum:
-            raise OptionValueError(f"must be at most {self.maximum:g}, got {value!r}")
+            raise OptionValueError(f"must be at most {_bound(self.maximum)}, got {value!r}")
         if self.kind == "path" and base is not None:
             parsed = str((base / parsed) if not Path(parsed).is_absolute() else Path(parsed))
         return parsed
@@ -163,3 +163,8 @@ class Option:
 def option_table(*options: Option) -> Mapping[str, Option]:
     """A driver's option declarations, by name, in declaration order."""
     return {o.name: o for o in options}
+
+
+def _bound(limit: float) -> str:
+    """A limit as people write it: 4294967295, not 4.29497e+09."""
+    return str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
