@@ -163,20 +163,30 @@ async def test_disk_requests_round_trip(tmp_path) -> None:
         assert e.value.errno == errno.EBADF
 
 
-async def test_directories_list_with_offsets(tmp_path) -> None:
+@pytest.mark.parametrize("opcode", [p.Op.READDIR, p.Op.READDIRPLUS])
+async def test_directories_list_with_offsets(tmp_path, opcode) -> None:
+    """A small buffer takes one entry at a time; the offsets resume where it stopped;
+    READDIRPLUS entries carry the attributes a lookup would give."""
+    head = p.ENTRY_OUT.size + p.ATTR.size if opcode == p.Op.READDIRPLUS else 0
     async with session(tmp_path) as c:
         fh = p.OPEN_OUT.unpack(await c.call(p.Op.OPENDIR, ROOT_INODE, p.OPEN_IN.pack(0, 0)))[0]
-        names, offset = [], 0
+        names, inodes, offset = [], [], 0
         while True:
-            out = await c.call(p.Op.READDIR, ROOT_INODE, p.READ_IN.pack(fh, offset, 64, 0, 0, 0, 0))
+            request = p.READ_IN.pack(fh, offset, head + 64, 0, 0, 0, 0)
+            out = await c.call(opcode, ROOT_INODE, request)
             if not out:
                 break
             pos = 0
-            while pos < len(out):  # a 64-byte buffer holds one entry at a time
-                _ino, offset, namelen, _type = p.DIRENT.unpack_from(out, pos)
-                names.append(out[pos + 24 : pos + 24 + namelen].decode())
-                pos += (24 + namelen + 7) // 8 * 8
+            while pos < len(out):
+                if head:
+                    inodes.append(p.ENTRY_OUT.unpack_from(out, pos)[0])
+                _ino, offset, namelen, _type = p.DIRENT.unpack_from(out, pos + head)
+                start = pos + head + p.DIRENT.size
+                names.append(out[start : start + namelen].decode())
+                pos = start + (namelen + 7) // 8 * 8
         assert names == ["last-error", "metrics", "vm0", "vm0.img"]
+        if head:
+            assert inodes[-1] == await lookup(c, "vm0.img")
         with pytest.raises(OSError) as e:
             await lookup(c, "nothing-here")
         assert e.value.errno == errno.ENOENT

@@ -262,36 +262,25 @@ class KernelSession:
         self.fs.opendir(nodeid)
         return p.OPEN_OUT.pack(nodeid, 0, 0)
 
-    def _entries(self, view: memoryview, body: int, end: int, nodeid: int) -> tuple[list, int]:
-        _fh, offset, size, *_ = p.unpack(p.READ_IN, view, body, end)
-        return self.fs.readdir(nodeid, offset), size
+    def _listing(self, view: memoryview, body: int, end: int, nodeid: int, plus: bool) -> bytes:
+        """READDIR(PLUS): entries from the request's offset on, as many as its buffer holds;
+        each entry's offset is the index of the next one."""
+        _fh, start, size, *_ = p.unpack(p.READ_IN, view, body, end)
+        out = bytearray()
+        for index, (name, a) in enumerate(self.fs.readdir(nodeid, start), start + 1):
+            record = p.pack_dirent(a.ino, index, os.fsencode(name), stat.S_IFMT(a.mode) >> 12)
+            if plus:
+                record = self._entry_out(a) + record
+            if len(out) + len(record) > size:
+                break
+            out += record
+        return bytes(out)
 
     def _readdir(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
-        entries, size = self._entries(view, body, end, nodeid)
-        start = self._start_offset(view, body, end)
-        out = bytearray()
-        for index, (name, a) in enumerate(entries, start + 1):
-            record = p.pack_dirent(a.ino, index, os.fsencode(name), stat.S_IFMT(a.mode) >> 12)
-            if len(out) + len(record) > size:
-                break
-            out += record
-        return bytes(out)
+        return self._listing(view, body, end, nodeid, plus=False)
 
     def _readdirplus(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
-        entries, size = self._entries(view, body, end, nodeid)
-        start = self._start_offset(view, body, end)
-        out = bytearray()
-        for index, (name, a) in enumerate(entries, start + 1):
-            dirent = p.pack_dirent(a.ino, index, os.fsencode(name), stat.S_IFMT(a.mode) >> 12)
-            record = self._entry_out(a) + dirent
-            if len(out) + len(record) > size:
-                break
-            out += record
-        return bytes(out)
-
-    @staticmethod
-    def _start_offset(view: memoryview, body: int, end: int) -> int:
-        return int(p.unpack(p.READ_IN, view, body, end)[1])
+        return self._listing(view, body, end, nodeid, plus=True)
 
     # -- files ------------------------------------------------------------------------
 
