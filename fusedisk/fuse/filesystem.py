@@ -272,7 +272,7 @@ class MountFilesystem:
             try:
                 await handle.flush()
             except Exception as e:
-                if getattr(e, "errno", None) == errno.ENOSYS:
+                if to_errno(e) == errno.ENOSYS:
                     raise FsError(errno.EIO) from e
                 raise
 
