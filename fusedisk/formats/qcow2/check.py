@@ -20,18 +20,18 @@ from fusedisk.formats.qcow2.layout import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_C
 from fusedisk.formats.qcow2.repair import count_references
 
 if TYPE_CHECKING:
-    from fusedisk.formats.qcow2.node import Qcow2Node
+    from fusedisk.formats.qcow2.image import Qcow2Image
 
 
-async def check_image(node: Qcow2Node) -> CheckReport:
+async def check_image(image: Qcow2Image) -> CheckReport:
     report = CheckReport()
-    if node.h.has_bitmaps:  # their directory and tables are not counted here
+    if image.h.has_bitmaps:  # their directory and tables are not counted here
         report.warnings.append("persistent bitmaps: refcounts not checked; use qemu-img check")
         return report
-    references = await count_references(node)
-    refcounts = await node.refs.used_clusters()
-    cs = node.cs
-    file_clusters = -(-node.file.node.size // cs)
+    references = await count_references(image)
+    refcounts = await image.refs.used_clusters()
+    cs = image.cs
+    file_clusters = -(-image.file.size // cs)
     for cluster in sorted(set(references) | set(refcounts)):
         wanted, have = references.get(cluster, 0), refcounts.get(cluster, 0)
         if cluster >= file_clusters and wanted:
@@ -40,14 +40,14 @@ async def check_image(node: Qcow2Node) -> CheckReport:
             report.error(f"cluster {cluster}: refcount={have} reference={wanted}")
         elif have > wanted:
             report.leak(f"cluster {cluster}: refcount={have} reference={wanted}")
-    await _check_copied(node, report, refcounts)
+    await _check_copied(image, report, refcounts)
     report.summary["image_end_offset"] = file_clusters * cs
     return report
 
 
-async def _check_copied(node: Qcow2Node, report: CheckReport, refcounts: dict[int, int]) -> None:
+async def _check_copied(image: Qcow2Image, report: CheckReport, refcounts: dict[int, int]) -> None:
     """COPIED set on an active L1 or L2 entry exactly where the refcount is one."""
-    m, cb = node.map, node.cluster_bits
+    m, cb = image.map, image.cluster_bits
     for i, e in enumerate(m.l1.tolist()):
         off = e & OFFSET_MASK
         if not off:
@@ -56,7 +56,7 @@ async def _check_copied(node: Qcow2Node, report: CheckReport, refcounts: dict[in
         if one != bool(e & OFLAG_COPIED):
             report.error(f"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:#x} refcount "
                          f"{refcounts.get(off >> cb, 0)}")  # fmt: skip
-        if node.h.has_data_file:
+        if image.h.has_data_file:
             continue
         table = await m.table(off)
         entries = table[0::2] if m.extended else table

@@ -63,6 +63,8 @@ SUBCLUSTERS = 32  # per cluster, with extended L2 entries
 ALL_SUBCLUSTERS = (1 << SUBCLUSTERS) - 1
 
 # header field offsets for in-place updates (big-endian)
+OFF_BACKING_FILE = 8  # backing_file_offset (8 bytes), then backing_file_size (4)
+OFF_CLUSTER_BITS = 20
 OFF_SIZE = 24
 OFF_L1_SIZE = 36
 OFF_L1_OFFSET = 40
@@ -70,6 +72,7 @@ OFF_REFTABLE_OFFSET = 48
 OFF_REFTABLE_CLUSTERS = 56
 OFF_INCOMPAT = 72
 OFF_AUTOCLEAR = 88
+V2_HEADER_LENGTH = 72  # where a version 2 header's extensions start
 
 MAX_CLUSTER_BITS = 21  # 2 MiB, QEMU's limit
 MIN_CLUSTER_BITS = 9

@@ -26,12 +26,12 @@ from fusedisk.formats.qcow2.layout import (
 from fusedisk.formats.qcow2.mapping import decode_l2
 
 if TYPE_CHECKING:
-    from fusedisk.formats.qcow2.node import Qcow2Node
+    from fusedisk.formats.qcow2.image import Qcow2Image
 
 
-async def count_references(node: Qcow2Node) -> Counter[int]:
+async def count_references(image: Qcow2Image) -> Counter[int]:
     """How many times each host cluster is referenced, as `qemu-img check` counts."""
-    h, m, cs, cb = node.h, node.map, node.cs, node.cluster_bits
+    h, m, cs, cb = image.h, image.map, image.cs, image.cluster_bits
     refs: Counter[int] = Counter()
 
     def ref(offset: int, length: int) -> None:
@@ -40,19 +40,19 @@ async def count_references(node: Qcow2Node) -> Counter[int]:
 
     if h.has_bitmaps:
         raise NotSupported(
-            f"{node.where}: a dirty image with persistent bitmaps cannot be repaired here; "
+            f"{image.where}: a dirty image with persistent bitmaps cannot be repaired here; "
             "use 'qemu-img check -r all'"
         )
     ref(0, cs)
     ref(h.refcount_table_offset, h.refcount_table_clusters * cs)
-    for e in node.refs.table.tolist():
+    for e in image.refs.table.tolist():
         if e & REFTABLE_OFFSET_MASK:
             ref(e & REFTABLE_OFFSET_MASK, cs)
-    if node.snapshots:
-        ref(h.snapshots_offset, node.snapshot_table_length)
+    if image.snapshots:
+        ref(h.snapshots_offset, image.snapshot_table_length)
     l1s = [(h.l1_table_offset, m.l1)]
-    for s in node.snapshots:
-        l1 = decode_l2(await node.file.read(s.l1_table_offset, s.l1_size * 8)) if s.l1_size else (
+    for s in image.snapshots:
+        l1 = decode_l2(await image.file.read(s.l1_table_offset, s.l1_size * 8)) if s.l1_size else (
             np.zeros(0, dtype=np.uint64))  # fmt: skip
         l1s.append((s.l1_table_offset, l1))
     for l1_offset, l1 in l1s:
@@ -75,16 +75,16 @@ async def count_references(node: Qcow2Node) -> Counter[int]:
     return refs
 
 
-async def repair(node: Qcow2Node) -> None:
-    wanted = await count_references(node)
-    await node.refs.set_all(dict(wanted))
+async def repair(image: Qcow2Image) -> None:
+    wanted = await count_references(image)
+    await image.refs.set_all(dict(wanted))
     # COPIED flags of the active tables: set exactly where the refcount is one
-    m = node.map
+    m = image.map
     for i, e in enumerate(m.l1.tolist()):
         off = e & OFFSET_MASK
         if not off:
             continue
-        want = await node.refs.get(off >> node.cluster_bits) == 1
+        want = await image.refs.get(off >> image.cluster_bits) == 1
         if bool(e & OFLAG_COPIED) != want:
             m.l1[i] = off | (OFLAG_COPIED if want else 0)
             m.l1_dirty.add(i)
@@ -97,13 +97,13 @@ async def repair(node: Qcow2Node) -> None:
                 flag = False
             elif not m.is_allocated(x):
                 continue
-            elif node.h.has_data_file:
+            elif image.h.has_data_file:
                 flag = True
             else:
-                flag = await node.refs.get((x & OFFSET_MASK) >> node.cluster_bits) == 1
+                flag = await image.refs.get((x & OFFSET_MASK) >> image.cluster_bits) == 1
             if bool(x & OFLAG_COPIED) != flag:
                 table[j] = (x | OFLAG_COPIED) if flag else (x & ~OFLAG_COPIED)
                 changed = True
         if changed:
             m.cache.mark_dirty(off)
-    await node._writeback(apply_frees=False)
+    await image.writeback(apply_frees=False)
