@@ -88,6 +88,11 @@ class Edge:
         owner = self.parent.name if self.parent is not None else "<disk>"
         return f"<Edge {owner}.{self.name} ({self.role}) -> {self.node.name}>"
 
+    @property
+    def size(self) -> int:
+        """The child's size now (it changes with the child and with `replace`)."""
+        return self.node.size
+
     def replace(self, new_node: Node) -> None:
         """Point this edge at `new_node` (call only while the disk is drained)."""
         self.node.parents.remove(self)

@@ -1,6 +1,6 @@
 """The qcow2 image: the engine of the `qcow2` driver, knowing nothing of nodes.
 
-It works on host files (`HostFile` below, which the node's edges provide): the
+It works on host files (`HostFile` below: the node's edges are such files): the
 image file, the data file (the image file itself unless the header names an
 external one) and an optional backing file, which may come and go at run time.
 The node glue (children, options, header-named files, graph capabilities) is
@@ -43,6 +43,9 @@ from fusedisk.formats.qcow2.layout import (
     EXT_END,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
+    MAGIC,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
     OFF_AUTOCLEAR,
     OFF_BACKING_FILE,
     OFF_CLUSTER_BITS,
@@ -77,7 +80,7 @@ _MAX_RUN_BYTES = 4 << 20  # clusters allocated together by one write
 
 
 class HostFile(Protocol):
-    """A file the image lives on (a node's edge, adapted): image, data or backing file."""
+    """A file the image lives on (a node's edge): image, data or backing file."""
 
     @property
     def size(self) -> int: ...
@@ -145,9 +148,9 @@ class Qcow2Image:
         """Read and check the header and tables; the data file and backing come after."""
         fsize = self.file.size
         first = await self.file.read(0, min(fsize, 4096))
-        if len(first) >= 24 and first[:4] == b"QFI\xfb":
+        if len(first) >= OFF_CLUSTER_BITS + 4 and first[:4] == MAGIC:
             cb = struct.unpack_from(">I", first, OFF_CLUSTER_BITS)[0]
-            if 9 <= cb <= 21 and (1 << cb) > len(first):
+            if MIN_CLUSTER_BITS <= cb <= MAX_CLUSTER_BITS and (1 << cb) > len(first):
                 first = await self.file.read(0, min(fsize, 1 << cb))
         h = parse_header(first, fsize, self.path)
         self.h = h
@@ -335,31 +338,21 @@ class Qcow2Image:
 
     # -- helpers for data I/O -----------------------------------------------------------
 
-    async def _read_host(self, host: int, length: int) -> bytes:
-        edge = self.data
-        avail = edge.size - host
+    @staticmethod
+    async def _read_padded(file: HostFile | None, offset: int, length: int) -> bytes:
+        """Bytes of `file`, and zeroes past its end (all zeroes without a file)."""
+        avail = 0 if file is None else file.size - offset
+        if file is None or avail <= 0:
+            return bytes(length)
         if avail >= length:
-            return await edge.read(host, length)
-        if avail <= 0:
-            return bytes(length)
-        return await edge.read(host, avail) + bytes(length - avail)
-
-    async def _read_backing(self, offset: int, length: int) -> bytes:
-        backing = self._backing()
-        if backing is None:
-            return bytes(length)
-        avail = backing.size - offset
-        if avail >= length:
-            return await backing.read(offset, length)
-        if avail <= 0:
-            return bytes(length)
-        return await backing.read(offset, avail) + bytes(length - avail)
+            return await file.read(offset, length)
+        return await file.read(offset, avail) + bytes(length - avail)
 
     async def _decompress(self, entry: int) -> bytes:
         if self._decompressed is not None and self._decompressed[0] == entry:
             return self._decompressed[1]
         host, stored = decode_compressed(entry, self.cluster_bits)
-        raw = await self._read_host(host, min(stored, max(0, self.file.size - host)))
+        raw = await self._read_padded(self.data, host, min(stored, max(0, self.file.size - host)))
         data = decompress_cluster(raw, self.h.compression_type, self.cs, self.where)
         self._decompressed = (entry, data)
         self.counters["compressed_reads"] += 1
@@ -372,11 +365,11 @@ class Qcow2Image:
         try:
             for kind, guest, n, host in runs:
                 if kind == DATA:
-                    parts.append(await self._read_host(host, n))
+                    parts.append(await self._read_padded(self.data, host, n))
                 elif kind == ZERO:
                     parts.append(bytes(n))
                 elif kind == UNALLOCATED:
-                    parts.append(await self._read_backing(guest, n))
+                    parts.append(await self._read_padded(self._backing(), guest, n))
                 else:
                     start = guest & (self.cs - 1)
                     parts.append((await self._decompress(host))[start : start + n])

@@ -21,6 +21,7 @@ from fusedisk.errors import CorruptImage, NotSupported, OpenError
 from fusedisk.formats.hostfiles import header_file_path, read_head
 from fusedisk.formats.qcow2.create import create_qcow2
 from fusedisk.formats.qcow2.image import Qcow2Image
+from fusedisk.formats.qcow2.layout import MAGIC
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSlot, GraphOp, Node, Role
@@ -30,35 +31,6 @@ log = logging.getLogger("fusedisk")
 
 _DEFAULT_REFCOUNT_CACHE = 1 << 20
 _MAX_CHAIN = 256
-
-
-class _HostFile:
-    """A child edge as the image's HostFile."""
-
-    def __init__(self, edge: Edge) -> None:
-        self.edge = edge
-
-    @property
-    def size(self) -> int:
-        return self.edge.node.size
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.edge.read(offset, length)
-
-    async def write(self, offset: int, data: bytes) -> None:
-        await self.edge.write(offset, data)
-
-    async def flush(self) -> None:
-        await self.edge.flush()
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self.edge.discard(offset, length)
-
-    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        await self.edge.write_zeroes(offset, length, unmap)
-
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
-        return await self.edge.block_status(offset, length)
 
 
 class Qcow2Node(Node):
@@ -121,10 +93,6 @@ class Qcow2Node(Node):
         """The image's metadata lock (held by allocations; tests take it)."""
         return self.image._meta_lock
 
-    def _backing_file(self) -> _HostFile | None:
-        backing = self.backing
-        return None if backing is None else _HostFile(backing)
-
     # -- opening ------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -139,7 +107,7 @@ class Qcow2Node(Node):
             self.add_child("file", Role.FILE, leaf)
         await super().open()
         self.image = Qcow2Image(
-            self.name, self.image_path, _HostFile(self.file), self._backing_file,
+            self.name, self.image_path, self.file, lambda: self.backing,
             self.options.get("l2-cache-size"), int(self.options["refcount-cache-size"]),
         )  # fmt: skip
         await self.image.open(self.read_only)
@@ -185,7 +153,7 @@ class Qcow2Node(Node):
                     f"node '{self.name}': option 'data-file': {self.where} has no external "
                     "data file"
                 )
-            self.image.data = _HostFile(self.children["data-file"])
+            self.image.data = self.children["data-file"]
             return
         if not h.has_data_file:
             return
@@ -198,7 +166,7 @@ class Qcow2Node(Node):
         leaf = await self.context.open_implicit(
             self, "data-file", "file", {"filename": path, "read-only": self.read_only}
         )
-        self.image.data = _HostFile(self.add_child("data-file", Role.DATA, leaf))
+        self.image.data = self.add_child("data-file", Role.DATA, leaf)
 
     async def _open_backing(self) -> None:
         h = self.image.h
@@ -219,7 +187,7 @@ class Qcow2Node(Node):
             raise CorruptImage(f"{self.where}: the backing chain is deeper than {_MAX_CHAIN}")
         fmt = h.backing_format
         if fmt is None:
-            fmt = "qcow2" if read_head(path, 4, where) == b"QFI\xfb" else "raw"
+            fmt = "qcow2" if read_head(path, len(MAGIC), where) == MAGIC else "raw"
         if fmt == "qcow2":
             node = await self.context.open_implicit(
                 self, "backing", "qcow2",
