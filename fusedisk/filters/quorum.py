@@ -48,8 +48,8 @@ import trio
 
 from fusedisk.errors import ControlError, OpenError
 from fusedisk.filters.quorum_children import QuorumChildren
-from fusedisk.filters.quorum_health import FAILED, ChildState, QuorumHealth, describe_undecided
-from fusedisk.filters.quorum_vote import Range, Verdict, vote, zero_majority
+from fusedisk.filters.quorum_health import ChildState, QuorumHealth, describe_undecided
+from fusedisk.filters.quorum_vote import Verdict, vote, zero_majority
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSet, ChildSlot, Control, GraphOp, Node, NodeContext, Role
@@ -266,26 +266,8 @@ class QuorumNode(Node):
         for name, ranges in verdict.wrong.items():
             self.health.lost_vote(by_name[name], ranges, what, repair and not self.read_only)
         if repair and not self.read_only:
-            for name, ranges in verdict.wrong.items():
-                await self._rewrite(by_name[name], verdict, ranges)
-            decided = verdict.decided()
-            for edge in failed:
-                await self._rewrite(edge, verdict, decided)
+            await self.health.repair(verdict, by_name, failed)
         return verdict
-
-    async def _rewrite(self, edge: Edge, verdict: Verdict, ranges: list[Range]) -> None:
-        st = self.child_state[edge.name]
-        for off, n in ranges:
-            if st.state == FAILED:
-                return
-            a = off - verdict.offset
-            try:
-                await edge.write(off, verdict.data[a : a + n])
-            except Exception as e:
-                st.write_errors += 1
-                self.health.child_failed(edge, f"rewrite {off}+{n}", e)
-                return
-            st.bytes_rewritten += n
 
     # -- writes -------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""What a quorum node knows of its children's health, and how it shows it.
+"""What a quorum node knows of its children's health, how it shows it, and
+the repair of a child that lost a vote.
 
 Kept apart from the node (filters/quorum.py), which only votes and fans
 requests out: here are the per-child states and counters, the log lines
@@ -17,7 +18,7 @@ from __future__ import annotations
 import errno as _errno
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,33 @@ class QuorumHealth:
                 " (further mismatches are only counted)"
                 if st.mismatch_events == MISMATCHES_LOGGED else "",
             )  # fmt: skip
+
+    async def repair(
+        self, verdict: Verdict, voters: Mapping[str, Edge], failed: list[Edge]
+    ) -> None:
+        """Write the winning bytes where a child lost the vote, and over the
+        decided ranges of the children whose read failed (rewrite-corrupted,
+        scrub).  The caller holds the range lock: no guest write is undone.
+        A child whose rewrite fails leaves service."""
+        for name, ranges in verdict.wrong.items():
+            await self._rewrite(voters[name], verdict, ranges)
+        decided = verdict.decided()
+        for edge in failed:
+            await self._rewrite(edge, verdict, decided)
+
+    async def _rewrite(self, edge: Edge, verdict: Verdict, ranges: list[Range]) -> None:
+        st = self.states[edge.name]
+        for off, n in ranges:
+            if st.state == FAILED:
+                return
+            a = off - verdict.offset
+            try:
+                await edge.write(off, verdict.data[a : a + n])
+            except Exception as e:
+                st.write_errors += 1
+                self.child_failed(edge, f"rewrite {off}+{n}", e)
+                return
+            st.bytes_rewritten += n
 
     def quorum_lost(self, what: str, detail: str) -> IOFailure:
         """Count and log a request that had no quorum; the caller raises the result."""
