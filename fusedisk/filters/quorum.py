@@ -21,7 +21,8 @@ children corrupted in different places still yield a correct read.
 
 The second read under the range lock matters: a read that races a guest
 write can see some children before the write and some after, which is not a
-corruption; repairing from it would undo the write on a child.
+corruption; repairing from it would undo the write on a child.  A child that
+lost the first vote but not the second is only counted (transient_mismatches).
 
 Writes, write-zeroes and discards hold the same range lock (overlapping guest
 writes are serialised so every child applies them in the same order) and go
@@ -223,7 +224,8 @@ class QuorumNode(Node):
             )
         results = await self._read_all(voters, offset, length)
         good = [r for r in results.values() if isinstance(r, bytes)]
-        if good and all(r == good[0] for r in good[1:]):
+        agree = all(r == good[0] for r in good[1:])
+        if good and agree:
             if len(good) == len(results):
                 return good[0]
             if len(good) >= self.threshold and not self.options.get("rewrite-corrupted"):
@@ -240,6 +242,9 @@ class QuorumNode(Node):
             )
         finally:
             self.copy_lock.release(token)
+        if not agree:
+            answers = {name: r for name, r in results.items() if isinstance(r, bytes)}
+            self.health.count_not_repeated(vote(offset, answers, self.threshold), verdict)
         if verdict.undecided:
             raise self.health.quorum_lost(what, describe_undecided(verdict))
         return verdict.data

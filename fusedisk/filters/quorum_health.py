@@ -47,6 +47,7 @@ class ChildState:
     mismatches: int = 0
     bytes_rewritten: int = 0
     last_error: str = ""
+    transient_mismatches: int = 0  # votes lost on a first read, not on the re-read
     mismatch_events: int = 0  # votes this child lost (to limit the log)
     writes_mirrored: int = 0  # guest writes that reached it while resyncing
 
@@ -66,6 +67,7 @@ class ChildState:
             "write_errors": self.write_errors,
             "flush_errors": self.flush_errors,
             "mismatches": self.mismatches,
+            "transient_mismatches": self.transient_mismatches,
             "bytes_rewritten": self.bytes_rewritten,
             "last_error": self.last_error,
         }
@@ -131,6 +133,16 @@ class QuorumHealth:
                 " (further mismatches are only counted)"
                 if st.mismatch_events == MISMATCHES_LOGGED else "",
             )  # fmt: skip
+
+    def count_not_repeated(self, first: Verdict, reread: Verdict) -> None:
+        """Count the votes a child lost on a read but not on its re-read under the
+        range lock.  Such a disagreement is a read that raced a guest write, or a
+        child that returned wrong data once: shown (`transient_mismatches`) so a
+        flaky child can be seen, but it neither degrades the child nor is repaired.
+        """
+        for name, ranges in first.wrong.items():
+            if name not in reread.wrong and name in self.states:
+                self.states[name].transient_mismatches += len(ranges)
 
     async def repair(
         self, verdict: Verdict, voters: Mapping[str, Edge], failed: list[Edge]
