@@ -16,7 +16,8 @@ import trio
 import trio.testing
 
 from fusedisk.errors import ControlError, IOFailure, OpenError
-from fusedisk.filters.quorum import VOTE_BLOCK, QuorumNode, vote
+from fusedisk.filters.quorum import QuorumNode
+from fusedisk.filters.quorum_vote import VOTE_BLOCK, vote
 from fusedisk.fuse.tree import ControlTree, DirEntry, FileEntry, LinkEntry
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.edge import Edge
@@ -237,6 +238,33 @@ async def test_a_corrupted_child_is_outvoted_and_reported():
     assert child(q, 0)["state"] == "healthy"
     assert kids[1].buf[5000] != data[5000]  # not repaired without rewrite-corrupted
     assert status(q)["state"] == "degraded"
+
+
+async def test_a_disagreement_gone_on_the_re_read_is_counted_apart():
+    q, top, kids = await make_quorum(rewrite=True)
+    data = os.urandom(2 * VOTE_BLOCK)
+    await top.write(0, data)
+    honest_read = kids[1].read
+    reads = 0
+
+    async def read(offset: int, length: int) -> bytes:
+        nonlocal reads
+        reads += 1
+        out = bytearray(await honest_read(offset, length))
+        if reads == 1:  # wrong on the first read only
+            out[VOTE_BLOCK + 5] ^= 1
+        return bytes(out)
+
+    kids[1].read = read  # type: ignore[method-assign]
+    assert await top.read(0, len(data)) == data
+    st = child(q, 1)
+    assert st["transient_mismatches"] == 1 and st["mismatches"] == 0
+    assert st["state"] == "healthy" and st["bytes_rewritten"] == 0
+    assert child(q, 0)["transient_mismatches"] == 0
+    # a lasting corruption is counted as a mismatch, not as transient
+    kids[2].buf[3] ^= 1
+    assert await top.read(0, len(data)) == data
+    assert child(q, 2)["mismatches"] == 1 and child(q, 2)["transient_mismatches"] == 0
 
 
 async def test_rewrite_corrupted_repairs_the_losing_child():

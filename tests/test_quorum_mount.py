@@ -133,6 +133,17 @@ def test_without_rewrite_the_corruption_is_reported_and_left(tmp_path, write_spe
     assert "Pattern verification failed" in out.stdout
 
 
+def test_wrong_data_returned_once_is_counted_as_transient(tmp_path, write_spec, mount):
+    make_children(tmp_path)
+    rules = "corrupt-reads = true\nmax-errors = 1\nrange-start = 0\nrange-length = 4096"
+    m = mount(write_spec(spec(faulty={1: rules})))
+    assert read_disk(m, 0, 4096) == b"\x5a" * 4096
+    child = status(m)["children"]["children.1"]
+    assert child["transient_mismatches"] == 1 and child["mismatches"] == 0
+    assert child["state"] == "healthy"
+    assert status(m)["children"]["children.0"]["transient_mismatches"] == 0
+
+
 def test_a_child_failing_every_request_leaves_service(tmp_path, write_spec, mount):
     make_children(tmp_path)
     rules = "error-reads = true\nerror-writes = true\nerror-flushes = true\nerror-zeroes = true"

@@ -21,7 +21,8 @@ children corrupted in different places still yield a correct read.
 
 The second read under the range lock matters: a read that races a guest
 write can see some children before the write and some after, which is not a
-corruption; repairing from it would undo the write on a child.
+corruption; repairing from it would undo the write on a child.  A child that
+lost the first vote but not the second is only counted (transient_mismatches).
 
 Writes, write-zeroes and discards hold the same range lock (overlapping guest
 writes are serialised so every child applies them in the same order) and go
@@ -36,48 +37,27 @@ only offers its ChildSet capability (a vote-and-repair step, a resync step,
 and attach / detach / promote / demote of a child); the graph's copy loop runs
 the steps chunk by chunk under this node's range lock, and the switch to a
 new child is a graph transaction under drain, recorded in the change log.
-
-Child states: healthy (in service, no trouble seen), degraded (in service,
-has returned errors or wrong data), failed (out of service), resyncing (a
-replacement being filled from the quorum: written by guest writes, never
-read until its resync completes).
+Child states, counters and the `status` file are kept in quorum_health.py.
 """
 
 from __future__ import annotations
 
-import errno as _errno
-import json
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
 
-from fusedisk.errors import ControlError, IOFailure, OpenError
+from fusedisk.errors import ControlError, OpenError
 from fusedisk.filters.quorum_children import QuorumChildren
-from fusedisk.filters.quorum_vote import (
-    DEGRADED,
-    FAILED,
-    HEALTHY,
-    VOTE_BLOCK,
-    ChildState,
-    Range,
-    Verdict,
-    vote,
-    zero_majority,
-)
+from fusedisk.filters.quorum_health import ChildState, QuorumHealth, describe_undecided
+from fusedisk.filters.quorum_vote import Verdict, vote, zero_majority
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSet, ChildSlot, Control, GraphOp, Node, NodeContext, Role
 from fusedisk.graph.options import REQUIRED, Option, option_table
 
-log = logging.getLogger("fusedisk")
-
 #: concurrent (nursery) requests after which children are probed again (see _each)
 PROBE_EVERY = 4096
-#: per child, read errors (and votes lost) logged before the rest are only counted
-READ_ERRORS_LOGGED = 5
-MISMATCHES_LOGGED = 20
 
 
 # -- the node ---------------------------------------------------------------------
@@ -122,9 +102,7 @@ class QuorumNode(Node):
         super().__init__(name, options, children, context)
         self.threshold = int(self.options["vote-threshold"])
         self.fifo = self.options.get("read-pattern", "quorum") == "fifo"
-        self.child_state: dict[str, ChildState] = {}
-        self.quorum_losses = 0
-        self.last_quorum_loss = ""
+        self.health = QuorumHealth(name)
         #: guest writes take it per range; a scrub or resync chunk holds it (graph/copy.py)
         self.copy_lock = RangeLock()
         self._children_set = QuorumChildren(self)
@@ -156,7 +134,11 @@ class QuorumNode(Node):
             )
         self.size = edges[0].node.size
         self.request_alignment = max(e.node.request_alignment for e in edges)
-        self.child_state = {e.name: ChildState() for e in edges}
+        self.health.states = {e.name: ChildState() for e in edges}
+
+    @property
+    def child_state(self) -> dict[str, ChildState]:
+        return self.health.states
 
     async def apply_option(self, name: str, value: Any) -> None:
         if name == "rewrite-corrupted" and value and self.fifo:
@@ -172,36 +154,6 @@ class QuorumNode(Node):
     def _targets(self) -> list[Edge]:
         """Children a write goes to: those in service and any being resynced."""
         return [e for e in self.children.values() if self.child_state[e.name].written]
-
-    def _child_failed(self, edge: Edge, what: str, exc: BaseException) -> None:
-        st = self.child_state[edge.name]
-        st.last_error = f"{what}: {exc}"
-        if st.state != FAILED:
-            st.state = FAILED
-            log.error(
-                "node '%s': child %s ('%s') leaves service: %s failed: %s",
-                self.name, edge.name, edge.node.name, what, exc,
-            )  # fmt: skip
-
-    def _read_error(self, edge: Edge, what: str, exc: BaseException) -> None:
-        st = self.child_state[edge.name]
-        st.read_errors += 1
-        st.last_error = f"{what}: {exc}"
-        if st.state == HEALTHY:
-            st.state = DEGRADED
-        if st.read_errors <= READ_ERRORS_LOGGED:
-            log.warning(
-                "node '%s': child %s ('%s'): %s failed: %s%s",
-                self.name, edge.name, edge.node.name, what, exc,
-                " (further read errors are only counted)"
-                if st.read_errors == READ_ERRORS_LOGGED else "",
-            )  # fmt: skip
-
-    def _quorum_lost(self, what: str, detail: str) -> IOFailure:
-        self.quorum_losses += 1
-        self.last_quorum_loss = f"{what}: {detail}"
-        log.error("node '%s': quorum lost: %s: %s", self.name, what, detail)
-        return IOFailure(f"node '{self.name}': quorum lost: {what}: {detail}", _errno.EIO)
 
     # -- running a request on several children -------------------------------------
 
@@ -260,26 +212,27 @@ class QuorumNode(Node):
             try:
                 return await edge.read(offset, length)
             except Exception as e:
-                self._read_error(edge, what, e)
-        raise self._quorum_lost(what, "no child could read it")
+                self.health.read_error(edge, what, e)
+        raise self.health.quorum_lost(what, "no child could read it")
 
     async def _read_quorum(self, offset: int, length: int) -> bytes:
         voters = self._voters()
         what = f"read {offset}+{length}"
         if len(voters) < self.threshold:
-            raise self._quorum_lost(
+            raise self.health.quorum_lost(
                 what, f"{len(voters)} children in service, {self.threshold} needed"
             )
         results = await self._read_all(voters, offset, length)
         good = [r for r in results.values() if isinstance(r, bytes)]
-        if good and all(r == good[0] for r in good[1:]):
+        agree = all(r == good[0] for r in good[1:])
+        if good and agree:
             if len(good) == len(results):
                 return good[0]
             if len(good) >= self.threshold and not self.options.get("rewrite-corrupted"):
                 # Some children failed, the others agree: nothing to repair.
                 for edge in voters:
                     if not isinstance(results[edge.name], bytes):
-                        self._read_error(edge, what, results[edge.name])
+                        self.health.read_error(edge, what, results[edge.name])
                 return good[0]
         # Errors or disagreement: decide under the range lock, with a fresh read.
         token = await self.copy_lock.acquire(offset, offset + length)
@@ -289,17 +242,12 @@ class QuorumNode(Node):
             )
         finally:
             self.copy_lock.release(token)
+        if not agree:
+            answers = {name: r for name, r in results.items() if isinstance(r, bytes)}
+            self.health.count_not_repeated(vote(offset, answers, self.threshold), verdict)
         if verdict.undecided:
-            raise self._quorum_lost(what, self._describe_undecided(verdict))
+            raise self.health.quorum_lost(what, describe_undecided(verdict))
         return verdict.data
-
-    @staticmethod
-    def _describe_undecided(verdict: Verdict) -> str:
-        shown = ", ".join(f"{o}+{n}" for o, n in verdict.undecided[:8])
-        more = len(verdict.undecided) - 8
-        return f"no {VOTE_BLOCK}-byte block quorum at {shown}" + (
-            f" and {more} more ranges" if more > 0 else ""
-        )
 
     async def _vote_locked(
         self, voters: list[Edge], offset: int, length: int, what: str, repair: bool
@@ -316,46 +264,15 @@ class QuorumNode(Node):
             if isinstance(r, bytes):
                 answers[edge.name] = r
             else:
-                self._read_error(edge, what, r)
+                self.health.read_error(edge, what, r)
                 failed.append(edge)
         verdict = vote(offset, answers, self.threshold)
         by_name = {e.name: e for e in voters}
         for name, ranges in verdict.wrong.items():
-            st = self.child_state[name]
-            st.mismatches += len(ranges)
-            if st.state == HEALTHY:
-                st.state = DEGRADED
-            st.mismatch_events += 1
-            if st.mismatch_events <= MISMATCHES_LOGGED:
-                shown = ", ".join(f"{o}+{n}" for o, n in ranges[:8])
-                log.warning(
-                    "node '%s': child %s ('%s') returned wrong data (%s) at %s%s%s",
-                    self.name, name, by_name[name].node.name, what, shown,
-                    "; rewriting it" if repair and not self.read_only else "",
-                    " (further mismatches are only counted)"
-                    if st.mismatch_events == MISMATCHES_LOGGED else "",
-                )  # fmt: skip
+            self.health.lost_vote(by_name[name], ranges, what, repair and not self.read_only)
         if repair and not self.read_only:
-            for name, ranges in verdict.wrong.items():
-                await self._rewrite(by_name[name], verdict, ranges)
-            decided = verdict.decided()
-            for edge in failed:
-                await self._rewrite(edge, verdict, decided)
+            await self.health.repair(verdict, by_name, failed)
         return verdict
-
-    async def _rewrite(self, edge: Edge, verdict: Verdict, ranges: list[Range]) -> None:
-        st = self.child_state[edge.name]
-        for off, n in ranges:
-            if st.state == FAILED:
-                return
-            a = off - verdict.offset
-            try:
-                await edge.write(off, verdict.data[a : a + n])
-            except Exception as e:
-                st.write_errors += 1
-                self._child_failed(edge, f"rewrite {off}+{n}", e)
-                return
-            st.bytes_rewritten += n
 
     # -- writes -------------------------------------------------------------------------
 
@@ -366,7 +283,7 @@ class QuorumNode(Node):
         targets = self._targets()
         voting = {e.name for e in targets if self.child_state[e.name].votes}
         if len(voting) < self.threshold:
-            raise self._quorum_lost(
+            raise self.health.quorum_lost(
                 what, f"{len(voting)} children in service, {self.threshold} needed"
             )
         ok: list[str] = []
@@ -380,7 +297,7 @@ class QuorumNode(Node):
                     st.flush_errors += 1
                 else:
                     st.write_errors += 1
-                self._child_failed(edge, what, e)
+                self.health.child_failed(edge, what, e)
             else:
                 ok.append(edge.name)
                 if edge.name not in voting:
@@ -389,7 +306,9 @@ class QuorumNode(Node):
         await self._each(targets, one)
         done = sum(1 for name in ok if name in voting)
         if done < self.threshold:
-            raise self._quorum_lost(what, f"{done} children succeeded, {self.threshold} needed")
+            raise self.health.quorum_lost(
+                what, f"{done} children succeeded, {self.threshold} needed"
+            )
 
     async def _locked_fan_out(
         self, offset: int, length: int, what: str, request: Callable[[Edge], Awaitable[None]]
@@ -455,31 +374,13 @@ class QuorumNode(Node):
 
     # -- control files -----------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        voters = len(self._voters())
-        states = [s.state for s in self.child_state.values()]
-        if voters < self.threshold:
-            overall = FAILED
-        elif all(s == HEALTHY for s in states):
-            overall = HEALTHY
-        else:
-            overall = DEGRADED
-        return {
-            "state": overall,
+    def _read_status(self) -> str:
+        settings = {
             "vote-threshold": self.threshold,
             "read-pattern": "fifo" if self.fifo else "quorum",
             "rewrite-corrupted": bool(self.options.get("rewrite-corrupted")),
-            "children_in_service": voters,
-            "quorum_losses": self.quorum_losses,
-            "last_quorum_loss": self.last_quorum_loss,
-            "children": {
-                e.name: self.child_state[e.name].as_dict(e.node.name)
-                for e in self.children.values()
-            },
         }
-
-    def _read_status(self) -> str:
-        return json.dumps(self.status(), indent=2, sort_keys=True) + "\n"
+        return self.health.status_text(self.children.values(), settings)
 
     def controls(self) -> dict[str, Control]:
         return {
@@ -487,8 +388,4 @@ class QuorumNode(Node):
         }
 
     def driver_stats(self) -> dict[str, Any]:
-        return {
-            "quorum_losses": self.quorum_losses,
-            "mismatches": sum(s.mismatches for s in self.child_state.values()),
-            "bytes_rewritten": sum(s.bytes_rewritten for s in self.child_state.values()),
-        }
+        return self.health.stats()

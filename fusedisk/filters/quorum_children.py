@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from fusedisk.errors import ControlError, IOFailure
-from fusedisk.filters.quorum_vote import FAILED, RESYNCING, ChildState
+from fusedisk.filters.quorum_health import FAILED, RESYNCING, ChildState, describe_undecided
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Status
 from fusedisk.graph.node import Node, Role
@@ -47,7 +47,7 @@ class QuorumChildren:
         q = self.node
         voters = q._voters()
         if len(voters) < q.threshold:
-            raise q._quorum_lost(
+            raise q.health.quorum_lost(
                 f"scrub {offset}+{length}",
                 f"{len(voters)} children in service, {q.threshold} needed",
             )
@@ -59,7 +59,7 @@ class QuorumChildren:
             verdict = await q._vote_locked(voters, ext.offset, ext.length, what, True)
             report["mismatched_ranges"] += sum(len(r) for r in verdict.wrong.values())
             if verdict.undecided:
-                q._quorum_lost(what, q._describe_undecided(verdict))
+                q.health.quorum_lost(what, describe_undecided(verdict))
                 lost = report["unrecoverable"]
                 lost.extend(f"{o}+{k}" for o, k in verdict.undecided[: 64 - len(lost)])
         errors_now, rewritten_now = self._totals()
@@ -135,7 +135,7 @@ class QuorumChildren:
                 voters, ext.offset, ext.length, what, bool(q.options.get("rewrite-corrupted"))
             )
             if verdict.undecided:
-                raise q._quorum_lost(what, q._describe_undecided(verdict))
+                raise q.health.quorum_lost(what, describe_undecided(verdict))
             await temp.write(ext.offset, verdict.data)
 
     def _check_new_child(self, temp: Edge) -> None:

@@ -5,7 +5,7 @@ aligned to the disk): each child's block is hashed with xxh3_128, the largest
 group wins if it has `threshold` members and no other group is as large; a
 block without such a winner is undecided (the node fails the read with EIO).
 Block status is voted alike: a piece reads as zeroes only where enough
-children say so.  Also the per-child bookkeeping the node keeps.
+children say so.  What the node keeps of each child is in quorum_health.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
 
 import xxhash
 
@@ -21,11 +20,6 @@ from fusedisk.graph.extents import Extent, Status, merge_extents
 
 #: the unit of a vote: children are compared and repaired in blocks of this size
 VOTE_BLOCK = 4096
-
-HEALTHY = "healthy"
-DEGRADED = "degraded"
-FAILED = "failed"
-RESYNCING = "resyncing"
 
 Range = tuple[int, int]  # (offset, length)
 
@@ -144,39 +138,3 @@ def zero_majority(
         status = (Status.ZERO if zero else Status.DATA) | Status.ALLOCATED
         out.append(Extent(start, stop - start, status))
     return merge_extents(out)
-
-
-# -- per-child bookkeeping -------------------------------------------------------
-
-
-@dataclass
-class ChildState:
-    state: str = HEALTHY
-    read_errors: int = 0
-    write_errors: int = 0
-    flush_errors: int = 0
-    mismatches: int = 0
-    bytes_rewritten: int = 0
-    last_error: str = ""
-    mismatch_events: int = 0  # votes this child lost (to limit the log)
-    writes_mirrored: int = 0  # guest writes that reached it while resyncing
-
-    @property
-    def votes(self) -> bool:
-        return self.state in (HEALTHY, DEGRADED)
-
-    @property
-    def written(self) -> bool:
-        return self.state != FAILED
-
-    def as_dict(self, node: str) -> dict[str, Any]:
-        return {
-            "node": node,
-            "state": self.state,
-            "read_errors": self.read_errors,
-            "write_errors": self.write_errors,
-            "flush_errors": self.flush_errors,
-            "mismatches": self.mismatches,
-            "bytes_rewritten": self.bytes_rewritten,
-            "last_error": self.last_error,
-        }
