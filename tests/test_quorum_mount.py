@@ -43,6 +43,7 @@ def spec(
     faulty: dict[int, str] | None = None,
     spare: bool = False,
     pattern: str = "quorum",
+    quorum_options: str = "",
 ) -> str:
     """Three qcow2 children; child i sits below a `faults` node with rules faulty[i]."""
     faulty = faulty or {}
@@ -60,7 +61,7 @@ def spec(
     out.append(
         f'[nodes.q]\ndriver = "quorum"\nvote-threshold = 2\nread-pattern = "{pattern}"\n'
         f"rewrite-corrupted = {'true' if rewrite else 'false'}\n"
-        f"children = [{', '.join(children)}]\n"
+        f"children = [{', '.join(children)}]\n{quorum_options}"
     )
     out.append('[disks.vm0]\nnode = "q"\n')
     return "\n".join(out)
@@ -142,6 +143,23 @@ def test_wrong_data_returned_once_is_counted_as_transient(tmp_path, write_spec, 
     assert child["transient_mismatches"] == 1 and child["mismatches"] == 0
     assert child["state"] == "healthy"
     assert status(m)["children"]["children.0"]["transient_mismatches"] == 0
+
+
+def test_a_child_past_max_read_errors_leaves_service(tmp_path, write_spec, mount):
+    """md's policy: a child that keeps returning wrong data is taken out of service, so
+    it costs no more reads; the other two still agree, and writes skip it."""
+    make_children(tmp_path)
+    m = mount(write_spec(spec(faulty={1: "corrupt-reads = true"},
+                              quorum_options="max-read-errors = 3\n")))  # fmt: skip
+    for i in range(6):
+        assert read_disk(m, i * 64 * 1024, 4096) == b"\x5a" * 4096
+    child = status(m)["children"]["children.1"]
+    assert child["state"] == "failed", child
+    assert "max-read-errors = 3" in child["last_error"]
+    assert status(m)["children"]["children.0"]["state"] == "healthy"
+    seen = json.loads(m.path("vm0", "nodes", "f1", "stats").read_text())["read"]["ops"]
+    assert read_disk(m, 0, 4096) == b"\x5a" * 4096
+    assert json.loads(m.path("vm0", "nodes", "f1", "stats").read_text())["read"]["ops"] == seen
 
 
 def test_a_child_failing_every_request_leaves_service(tmp_path, write_spec, mount):

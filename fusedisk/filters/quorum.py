@@ -88,6 +88,14 @@ class QuorumNode(Node):
             "rewrite children that lost a vote (or failed a read) with the winning data",
             runtime=True,
         ),
+        Option(
+            "max-read-errors",
+            "int",
+            0,
+            "take a child out of service after this many failed or outvoted reads "
+            "(md's max_read_errors; 0: never)",
+            minimum=0,
+        ),
     )
     child_slots = (ChildSlot("children", Role.CHILDREN, many=True),)
     graph_op = GraphOp.FANOUT
@@ -102,7 +110,7 @@ class QuorumNode(Node):
         super().__init__(name, options, children, context)
         self.threshold = int(self.options["vote-threshold"])
         self.fifo = self.options.get("read-pattern", "quorum") == "fifo"
-        self.health = QuorumHealth(name)
+        self.health = QuorumHealth(name, int(self.options["max-read-errors"]))
         #: guest writes take it per range; a scrub or resync chunk holds it (graph/copy.py)
         self.copy_lock = RangeLock()
         self._children_set = QuorumChildren(self)

@@ -85,8 +85,10 @@ def describe_undecided(verdict: Verdict) -> str:
 class QuorumHealth:
     """The per-child states and counters of one quorum node (keyed by edge name)."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, max_read_errors: int = 0) -> None:
         self.node = node
+        #: bad reads (failed or outvoted) after which a child leaves service; 0: never
+        self.max_read_errors = max_read_errors
         self.states: dict[str, ChildState] = {}
         self.quorum_losses = 0
         self.last_quorum_loss = ""
@@ -116,6 +118,7 @@ class QuorumHealth:
                 " (further read errors are only counted)"
                 if st.read_errors == READ_ERRORS_LOGGED else "",
             )  # fmt: skip
+        self._past_read_limit(edge, st)
 
     def lost_vote(self, edge: Edge, ranges: list[Range], what: str, repairing: bool) -> None:
         """Count the ranges where the child lost a vote, repaired or not."""
@@ -133,6 +136,16 @@ class QuorumHealth:
                 " (further mismatches are only counted)"
                 if st.mismatch_events == MISMATCHES_LOGGED else "",
             )  # fmt: skip
+        self._past_read_limit(edge, st)
+
+    def _past_read_limit(self, edge: Edge, st: ChildState) -> None:
+        """A child that keeps failing or losing reads is worse than none (md's policy):
+        out of service it costs no more reads, and `replace` brings a spare in."""
+        bad = st.read_errors + st.mismatch_events
+        if self.max_read_errors and bad >= self.max_read_errors and st.state != FAILED:
+            self.child_failed(edge, "reads", IOFailure(
+                f"{bad} failed or outvoted reads reached max-read-errors = "
+                f"{self.max_read_errors}"))  # fmt: skip
 
     def count_not_repeated(self, first: Verdict, reread: Verdict) -> None:
         """Count the votes a child lost on a read but not on its re-read under the
