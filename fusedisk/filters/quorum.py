@@ -110,7 +110,7 @@ class QuorumNode(Node):
         super().__init__(name, options, children, context)
         self.threshold = int(self.options["vote-threshold"])
         self.fifo = self.options.get("read-pattern", "quorum") == "fifo"
-        self.health = QuorumHealth(name, int(self.options["max-read-errors"]))
+        self.health = QuorumHealth(name, int(self.options.get("max-read-errors", 0)))
         #: guest writes take it per range; a scrub or resync chunk holds it (graph/copy.py)
         self.copy_lock = RangeLock()
         self._children_set = QuorumChildren(self)
