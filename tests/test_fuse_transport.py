@@ -140,6 +140,10 @@ from pathlib import Path
 from fusedisk.fuse.kernel import mounting
 m = mounting._mount_with_fusermount(Path(sys.argv[1]), "fusedisk:t", "fusedisk", False)
 print(m.fd, flush=True)
+if sys.stdin.readline().strip() == "close":
+    m.unmount()
+    m.close()
+    print("closed", m.helper is None, flush=True)
 time.sleep(60)
 """
 
@@ -151,8 +155,9 @@ def test_fusermount3_passes_the_descriptor_and_unmounts_after_a_crash(tmp_path) 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-c", MOUNT_WITH_FUSERMOUNT, str(mnt)], stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-c", MOUNT_WITH_FUSERMOUNT, str(mnt)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         assert proc.stdout is not None
         assert int(proc.stdout.readline()) > 2  # a descriptor came back
@@ -168,3 +173,27 @@ def test_fusermount3_passes_the_descriptor_and_unmounts_after_a_crash(tmp_path) 
     if is_mounted(mnt):
         subprocess.run(["fusermount3", "-uz", mnt])
         pytest.fail("fusermount3's auto_unmount left the mount behind")
+
+
+@needs("fusermount3")
+def test_fusermount3_mount_unmounts_and_lets_its_helper_go(tmp_path) -> None:
+    """The clean end of the path without root: lazy unmount, then the helper exits."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MOUNT_WITH_FUSERMOUNT, str(mnt)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert int(proc.stdout.readline()) > 2
+        assert is_mounted(mnt)
+        proc.stdin.write("close\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().split() == ["closed", "True"]
+        assert not is_mounted(mnt)
+    finally:
+        proc.kill()
+        proc.wait()
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", mnt])

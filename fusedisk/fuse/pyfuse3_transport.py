@@ -21,6 +21,7 @@ import trio
 
 from fusedisk.fuse.connection import raise_background_limit
 from fusedisk.fuse.filesystem import Attributes, MountFilesystem, log_failure
+from fusedisk.fuse.kernel.mounting import mount_options
 
 log = logging.getLogger("fusedisk")
 
@@ -143,18 +144,6 @@ class DiskOperations(pyfuse3.Operations):
         self.fs.release(fh)
 
 
-def mount_options(fsname: str, allow_other: bool) -> set[str]:
-    options = {
-        f"fsname={fsname}",
-        "subtype=fusedisk",
-        "default_permissions",
-        "auto_unmount",  # a helper unmounts if the daemon dies: no stale mount
-    }
-    if allow_other:
-        options.add("allow_other")
-    return options
-
-
 async def serve_pyfuse3(
     fs: MountFilesystem,
     mountpoint: Path,
@@ -164,7 +153,9 @@ async def serve_pyfuse3(
     on_stop: Callable[[Callable[[], None]], Any],
 ) -> None:
     """Mount with libfuse and serve until unmounted or `on_stop` fires."""
-    pyfuse3.init(DiskOperations(fs), str(mountpoint), mount_options(fsname, allow_other))
+    # auto_unmount: libfuse's helper unmounts if the daemon dies, no stale mount
+    options = {*mount_options(fsname, "fusedisk", allow_other), "auto_unmount"}
+    pyfuse3.init(DiskOperations(fs), str(mountpoint), options)
     try:
         raise_background_limit(mountpoint)
         ready()

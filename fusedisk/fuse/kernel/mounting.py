@@ -26,7 +26,7 @@ import socket
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fusedisk.errors import FuseDiskError
@@ -50,13 +50,15 @@ class KernelMount:
 
     fd: int
     mountpoint: Path
-    #: the root path: the watchdog's pipe; the fusermount3 path: its socket
-    keepalive: list[object] = field(default_factory=list)
-    by_fusermount: bool = False
+    #: root: the write end of the watchdog's pipe; its end of file means "daemon died"
+    watchdog: int | None = None
+    #: without root: fusermount3 (auto_unmount), which waits for our socket to close
+    helper: subprocess.Popen[bytes] | None = None
+    helper_socket: socket.socket | None = None
 
     def unmount(self) -> None:
         """Detach the mount (lazily: files still open keep working until closed)."""
-        if self.by_fusermount:
+        if self.helper is not None:
             subprocess.run(
                 ["fusermount3", "-u", "-z", "--", str(self.mountpoint)], capture_output=True
             )
@@ -65,21 +67,21 @@ class KernelMount:
 
     def close(self) -> None:
         """Drop the connection and tell the watchdog the exit was clean."""
-        for item in self.keepalive:
-            if isinstance(item, int):
-                try:
-                    os.write(item, b"clean")
-                    os.close(item)
-                except OSError:
-                    pass
-            elif isinstance(item, socket.socket):
-                item.close()
-            elif isinstance(item, subprocess.Popen):
-                try:
-                    item.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    item.kill()
-        self.keepalive.clear()
+        if self.watchdog is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.watchdog, b"clean")
+            with contextlib.suppress(OSError):
+                os.close(self.watchdog)
+            self.watchdog = None
+        if self.helper_socket is not None:
+            self.helper_socket.close()
+            self.helper_socket = None
+        if self.helper is not None:
+            try:
+                self.helper.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.helper.kill()
+            self.helper = None
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
@@ -101,11 +103,14 @@ def mounted_device(mountpoint: Path) -> str | None:
     return found
 
 
+def access_options(allow_other: bool) -> list[str]:
+    """Who may use the mount: the kernel checks modes; others only with --allow-other."""
+    return ["default_permissions", *(["allow_other"] if allow_other else [])]
+
+
 def mount_options(fsname: str, subtype: str, allow_other: bool) -> list[str]:
-    options = [f"fsname={fsname}", f"subtype={subtype}", "default_permissions"]
-    if allow_other:
-        options.append("allow_other")
-    return options
+    """The -o options of a helper (fusermount3, libfuse): names, then access."""
+    return [f"fsname={fsname}", f"subtype={subtype}", *access_options(allow_other)]
 
 
 def mount(mountpoint: Path, fsname: str, subtype: str, allow_other: bool) -> KernelMount:
@@ -121,9 +126,7 @@ def _mount_as_root(mountpoint: Path, fsname: str, subtype: str, allow_other: boo
     try:
         rootmode = stat.S_IFMT(os.stat(mountpoint).st_mode)
         data = [f"fd={fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
-                f"group_id={os.getgid()}", "default_permissions"]  # fmt: skip
-        if allow_other:
-            data.append("allow_other")
+                f"group_id={os.getgid()}", *access_options(allow_other)]  # fmt: skip
         rc = _libc.mount(
             fsname.encode(), os.fsencode(mountpoint), f"fuse.{subtype}".encode(),
             MS_NOSUID | MS_NODEV, ",".join(data).encode(),
@@ -140,7 +143,7 @@ def _mount_as_root(mountpoint: Path, fsname: str, subtype: str, allow_other: boo
             start_new_session=True,
         )  # fmt: skip
         os.close(watch_read)
-        return KernelMount(fd, mountpoint, [watch_write])
+        return KernelMount(fd, mountpoint, watchdog=watch_write)
     except BaseException:
         os.close(fd)
         raise
@@ -173,4 +176,4 @@ def _mount_with_fusermount(
         ours.close()
         raise MountFailed(f"fusermount3 could not mount at '{mountpoint}': {err.decode().strip()}")
     # With auto_unmount, fusermount3 stays until our end of the socket closes.
-    return KernelMount(fds[0], mountpoint, [ours, proc], by_fusermount=True)
+    return KernelMount(fds[0], mountpoint, helper=proc, helper_socket=ours)
