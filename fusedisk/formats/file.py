@@ -14,6 +14,7 @@ so the edges above pad requests), `cache.no-flush` makes flush a no-op, and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import platform
@@ -194,8 +195,10 @@ class FileNode(Node):
             self.lock.release()
             self.lock = None
         if self.host is not None:
-            self.host.close()
-            self.host = None
+            host, self.host = self.host, None
+            with contextlib.suppress(OSError):  # a failed write was reported to its flush
+                await host.drain()  # acknowledged writes land before the file closes
+            host.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -211,7 +214,10 @@ class FileNode(Node):
 
     async def flush(self) -> None:
         gen = self._write_gen
-        if gen == self._flushed_gen or self.options.get("cache.no-flush"):
+        if gen == self._flushed_gen:
+            return
+        if self.options.get("cache.no-flush"):
+            await self.io.drain()  # in the page cache, so a crash of the daemon loses nothing
             return
         # One fdatasync at a time: a flush queued behind a running one still
         # syncs, because that one may have started before its writes landed.

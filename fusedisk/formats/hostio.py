@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fusedisk.formats.uring import Ring
+from fusedisk.formats.write_behind import WriteBehind
 from fusedisk.workers import WorkerPool
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -227,15 +228,28 @@ class HostFile:
         self._view = memoryview(bytearray(0))
         self._pread: Callable[[int, int, int], bytes] = direct_pread if direct else pread_full
         self._pwrite: Callable[[int, Buffer, int], None] = direct_pwrite if direct else pwrite_full
+        # buffered writes: acknowledged when queued, written by one thread (write_behind.py)
+        self.behind = None if direct else WriteBehind(fd, name, pwrite_full)
         self.inline_reads = 0
         self.inline_writes = 0
 
     def close(self) -> None:
+        """Stop taking requests.  Queued writes still land (the writer has its own fd);
+        callers that need them in the file first await `drain`."""
         self.pool.close()
         if self.ring is not None:
             self.ring.close()
+        if self.behind is not None:
+            self.behind.close()
+
+    async def drain(self) -> None:
+        """Every acknowledged write is in the file (not yet synced); raises a failed write."""
+        if self.behind is not None:
+            await self.behind.drain()
 
     async def read(self, offset: int, length: int) -> bytes:
+        if self.behind is not None and self.behind.busy:
+            await self.behind.before_read(offset, length)
         if self._nowait_reads and length <= FAST_READ_MAX:
             if len(self._view) < length:
                 self._view = memoryview(bytearray(max(length, 64 << 10)))
@@ -258,7 +272,7 @@ class HostFile:
         return await self.pool.run(self._pread, self.fd, length, offset, abandon_on_cancel=True)
 
     async def write(self, offset: int, data: Buffer) -> None:
-        if self._nowait_writes:
+        if self._nowait_writes and not (self.behind is not None and self.behind.busy):
             try:
                 n = os.pwritev(self.fd, [data], offset, os.RWF_NOWAIT)
             except BlockingIOError:
@@ -274,12 +288,15 @@ class HostFile:
             if n:
                 data = memoryview(data)[n:]
                 offset += n
-        if self.ring is not None:
+        if self.behind is not None:
+            await self.behind.write(offset, data)
+        elif self.ring is not None:
             await self._ring_write(self.ring, offset, data)
-            return
-        await self.pool.run(self._pwrite, self.fd, data, offset)
+        else:
+            await self.pool.run(self._pwrite, self.fd, data, offset)
 
     async def fdatasync(self) -> None:
+        await self.drain()
         if self.ring is not None:
             await self.ring.fdatasync(self.fd)
             return
@@ -326,16 +343,20 @@ class HostFile:
             self._release(buf)
 
     async def fallocate(self, mode: int, offset: int, length: int) -> None:
+        await self.drain()
         await self.pool.run(fallocate, self.fd, mode, offset, length)
 
     async def ftruncate(self, size: int) -> None:
+        await self.drain()
         await self.pool.run(os.ftruncate, self.fd, size)
 
     async def write_zero_bytes(self, offset: int, length: int) -> None:
+        await self.drain()
         await self.pool.run(write_zero_bytes, self.fd, offset, length, self._pwrite)
 
     async def call(self, fn: Callable[..., Any], *args: Any, read_only: bool = False) -> Any:
         """Any other blocking call on this file (an lseek walk): `fn(fd, *args)` in the pool."""
+        await self.drain()
         return await self.pool.run(fn, self.fd, *args, abandon_on_cancel=read_only)
 
     def statistics(self) -> dict[str, Any]:
@@ -345,6 +366,11 @@ class HostFile:
             "nowait_reads": self._nowait_reads,
             "nowait_writes": self._nowait_writes,
             **{f"pool_{k}": v for k, v in self.pool.statistics().items()},
+            **(
+                {f"write_behind_{k}": v for k, v in self.behind.statistics().items()}
+                if self.behind is not None
+                else {}
+            ),
             **(
                 {"uring_submitted": self.ring.submitted, "uring_wakeups": self.ring.wakeups}
                 if self.ring is not None

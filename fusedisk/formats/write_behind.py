@@ -1,0 +1,227 @@
+"""Buffered host writes answered at once and written, in order, by one thread.
+
+Why: a buffered `pwrite` on ext4 can block (dirty-page throttling, a full
+journal, a page to read in), and ext4 refuses RWF_NOWAIT for it, so a write
+may not run on the event loop.  Waiting for a thread (or io_uring's kernel
+worker) to finish it costs two cross-thread wake-ups per request, which on
+these VMs doubled the CPU of a 4 KiB write and halved QD1 write IOPS
+(docs/benchmarks.md).  But the page cache a buffered write lands in is a
+volatile write cache already: data written there is lost on a host crash
+until fdatasync.  So the write is *acknowledged when it is queued*, and the
+copy into the page cache happens on the writer thread beside the loop -- the
+disk has a volatile write cache, as a real one announces with WCE, and a
+flush empties it.
+
+What keeps that safe:
+
+- **Order.**  One thread per file writes in the order requests were queued,
+  so a later write to the same bytes always lands last.
+- **Reads see writes.**  A read that overlaps a queued write waits for it.
+- **Flush.**  `drain` waits for every queued write; fdatasync, fallocate,
+  ftruncate and lseek walks run only after it (hostio.py).
+- **Errors are not lost.**  A write that fails after it was acknowledged
+  (EIO, ENOSPC) fails the file: that write and every later one are dropped,
+  and every later write, flush and drain raises the error, naming the offset,
+  until the file is reopened.  The guest learns of it at its next flush, as
+  it would from a disk whose cache could not be written.
+- **Bounded.**  At most `max_bytes` are queued per file; a write beyond that
+  waits for the oldest (backpressure, as dirty-page throttling would give).
+- **Data not copied twice.**  `bytes` are kept as they are; a mutable buffer
+  (luks reuses its output buffers) is copied first.
+
+The writer has its own duplicate of the file descriptor, so a file closed
+while writes are still queued (a hung device) cannot make the thread write
+into whatever file next gets that descriptor number.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import outcome
+import trio
+
+Buffer = bytes | bytearray | memoryview
+
+#: queued bytes per file before a write waits for the oldest one
+DEFAULT_MAX_BYTES = 16 << 20
+
+
+class _Write:
+    __slots__ = ("data", "offset", "seq")
+
+    def __init__(self, seq: int, offset: int, data: Buffer) -> None:
+        self.seq = seq
+        self.offset = offset
+        self.data = data
+
+
+def _immutable(data: Buffer) -> Buffer:
+    """`data` itself if nobody can change it before it is written, else a copy."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, memoryview) and data.readonly and isinstance(data.obj, bytes):
+        return data
+    return bytes(data)
+
+
+class WriteBehind:
+    """The write queue of one host file and the thread that empties it.
+
+    Made inside a trio run; `write_all(fd, data, offset)` is the blocking
+    write the thread calls.  See the module doc for the guarantees.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        write_all: Callable[[int, Buffer, int], None],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.name = name
+        self.max_bytes = max_bytes
+        self._write_all = write_all
+        self._fd = os.dup(fd)
+        self._token = trio.lowlevel.current_trio_token()
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        # trio side: writes queued and not yet seen done, oldest first
+        self._pending: collections.deque[_Write] = collections.deque()
+        self._bytes = 0
+        self._seq = 0
+        # shared with the thread, under _lock
+        self._done = 0  # every write with seq <= _done has been written (or dropped)
+        self._failure: OSError | None = None
+        self._waiters: list[tuple[int, Any]] = []  # (seq, trio task)
+        self._closed = False
+        #: counters for `stats`
+        self.queued = 0
+        self.waits = 0
+        threading.Thread(target=self._run, name=f"{name}-writer", daemon=True).start()
+
+    # -- the trio side ---------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while writes may still be queued (cheap: no lock)."""
+        return self._done < self._seq
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Queue a write; returns at once unless `max_bytes` are already queued."""
+        self._raise_failure()
+        if self._closed:
+            raise OSError(errno.EBADF, f"{self.name}: the file is closed")
+        while self._bytes + len(data) > self.max_bytes and self._pending:
+            await self._wait_for(self._pending[0].seq)
+            self._raise_failure()
+        self._seq += 1
+        w = _Write(self._seq, offset, _immutable(data))
+        self._pending.append(w)
+        self._bytes += len(w.data)
+        self.queued += 1
+        self._queue.put(w)
+
+    async def drain(self) -> None:
+        """Wait until every queued write is in the file; raises the file's failure."""
+        if self.busy:
+            await self._wait_for(self._seq)
+        self._raise_failure()
+
+    async def before_read(self, offset: int, length: int) -> None:
+        """Wait for the queued writes that overlap [offset, offset+length)."""
+        self._forget_done()
+        end = offset + length
+        last = 0
+        for w in self._pending:
+            if w.offset < end and offset < w.offset + len(w.data):
+                last = w.seq
+        if last:
+            await self._wait_for(last)
+
+    def close(self) -> None:
+        """No more writes; the thread writes what is queued, then closes its descriptor."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+    def statistics(self) -> dict[str, int]:
+        self._forget_done()
+        return {"queued": self.queued, "waits": self.waits, "queued_bytes": self._bytes}
+
+    def _raise_failure(self) -> None:
+        failure = self._failure
+        if failure is not None:
+            raise OSError(failure.errno, failure.strerror)
+
+    def _forget_done(self) -> None:
+        done = self._done
+        pending = self._pending
+        while pending and pending[0].seq <= done:
+            self._bytes -= len(pending.popleft().data)
+
+    async def _wait_for(self, seq: int) -> None:
+        """Until the write numbered `seq` (and so every earlier one) is done."""
+        task = trio.lowlevel.current_task()
+        with self._lock:
+            done = self._done >= seq
+            if not done:
+                entry = (seq, task)
+                self._waiters.append(entry)
+        if done:
+            await trio.lowlevel.checkpoint()
+        else:
+            self.waits += 1
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                with self._lock:
+                    if entry in self._waiters:
+                        self._waiters.remove(entry)
+                        return trio.lowlevel.Abort.SUCCEEDED
+                return trio.lowlevel.Abort.FAILED  # being woken: let it arrive
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        self._forget_done()
+
+    def _wake(self) -> None:
+        """Runs in the trio thread: reschedule every waiter whose write is done."""
+        with self._lock:
+            ready = [task for seq, task in self._waiters if seq <= self._done]
+            self._waiters = [(s, t) for s, t in self._waiters if s > self._done]
+        for task in ready:
+            trio.lowlevel.reschedule(task, outcome.Value(None))
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                w = self._queue.get()
+                if w is None:
+                    return
+                if self._failure is None:
+                    try:
+                        self._write_all(self._fd, w.data, w.offset)
+                    except OSError as e:
+                        self._failure = OSError(
+                            e.errno,
+                            f"{self.name}: a write of {len(w.data)} bytes at offset {w.offset}, "
+                            f"already acknowledged, failed: {e.strerror}; the file takes no "
+                            "more writes until it is reopened",
+                        )
+                with self._lock:
+                    self._done = w.seq
+                    wake = any(seq <= w.seq for seq, _ in self._waiters)
+                if wake:
+                    try:
+                        self._token.run_sync_soon(self._wake)
+                    except trio.RunFinishedError:
+                        return
+        finally:
+            os.close(self._fd)

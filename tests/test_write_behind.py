@@ -1,0 +1,214 @@
+"""Write-behind: buffered writes acknowledged when queued, written in order by one thread.
+
+The writer's blocking write is the real `pwrite_full`; where a test must hold
+writes in the queue, it is the real write behind a gate (a threading.Event),
+as a slow device would hold it.  The ENOSPC tests fill a real tmpfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from fusedisk.formats.hostio import HostFile, pwrite_full
+from fusedisk.formats.write_behind import WriteBehind
+from tests.conftest import cli
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+
+
+class GatedWrite:
+    """pwrite_full that waits for `gate` first: writes stay queued until the test opens it."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.calls = 0
+
+    def __call__(self, fd: int, data: bytes, offset: int) -> None:
+        self.gate.wait(30)
+        self.calls += 1
+        pwrite_full(fd, data, offset)
+
+
+def open_file(tmp_path: Path, size: int = 4 * MiB) -> int:
+    path = tmp_path / "f.img"
+    path.write_bytes(bytes(size))
+    return os.open(path, os.O_RDWR)
+
+
+async def test_writes_land_in_order_and_reads_see_them(tmp_path):
+    """Overlapping writes in random order: reads (while queued) and the file match a model."""
+    fd = open_file(tmp_path, MiB)
+    host = HostFile(fd, "t")
+    model = bytearray(MiB)
+    rng = random.Random(7)
+    try:
+        for i in range(400):
+            off = rng.randrange(0, MiB - 8192)
+            data = bytes([i & 0xFF]) * rng.randrange(1, 8192)
+            await host.write(off, data)
+            model[off : off + len(data)] = data
+            if i % 7 == 0:
+                probe = rng.randrange(0, MiB - 16384)
+                assert await host.read(probe, 16384) == bytes(model[probe : probe + 16384])
+        await host.drain()
+        assert host.behind is not None and host.behind.queued == 400
+        assert os.pread(fd, MiB, 0) == bytes(model)
+    finally:
+        host.close()
+        os.close(fd)
+
+
+async def test_a_read_of_a_queued_write_waits_for_it(tmp_path):
+    fd = open_file(tmp_path)
+    gated = GatedWrite()
+    behind = WriteBehind(fd, "t", gated)
+    try:
+        await behind.write(4096, b"new" * 100)
+        assert behind.busy
+        read_done = trio.Event()
+
+        async def reader() -> None:
+            await behind.before_read(4000, 200)
+            read_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await behind.before_read(0, 4096)  # no overlap: no wait
+            await trio.sleep(0.05)
+            assert not read_done.is_set()  # overlaps the queued write: held
+            gated.gate.set()
+        assert os.pread(fd, 300, 4096) == b"new" * 100
+    finally:
+        gated.gate.set()
+        behind.close()
+        os.close(fd)
+
+
+async def test_a_full_queue_holds_the_next_write(tmp_path):
+    fd = open_file(tmp_path)
+    gated = GatedWrite()
+    behind = WriteBehind(fd, "t", gated, max_bytes=64 * 1024)
+    try:
+        for i in range(16):
+            await behind.write(i * 4096, b"a" * 4096)  # 64 KiB: all queued at once
+        assert behind.waits == 0
+        with trio.move_on_after(0.1) as held:
+            await behind.write(16 * 4096, b"b" * 4096)
+        assert held.cancelled_caught  # the 17th waits for room
+        gated.gate.set()
+        await behind.write(16 * 4096, b"b" * 4096)
+        await behind.drain()
+        assert os.pread(fd, 17 * 4096, 0) == b"a" * 65536 + b"b" * 4096
+        assert behind.waits >= 1
+    finally:
+        gated.gate.set()
+        behind.close()
+        os.close(fd)
+
+
+async def test_mutable_buffers_are_copied_before_they_are_acknowledged(tmp_path):
+    fd = open_file(tmp_path)
+    gated = GatedWrite()
+    behind = WriteBehind(fd, "t", gated)
+    try:
+        buf = bytearray(b"x" * 4096)
+        await behind.write(0, buf)
+        buf[:] = b"y" * 4096  # as luks reuses its output buffer
+        gated.gate.set()
+        await behind.drain()
+        assert os.pread(fd, 4096, 0) == b"x" * 4096
+    finally:
+        gated.gate.set()
+        behind.close()
+        os.close(fd)
+
+
+async def test_close_with_queued_writes_still_writes_them(tmp_path):
+    """The writer's own descriptor: the file may be closed while writes are queued."""
+    fd = open_file(tmp_path)
+    gated = GatedWrite()
+    behind = WriteBehind(fd, "t", gated)
+    await behind.write(0, b"z" * 4096)
+    behind.close()
+    os.close(fd)
+    gated.gate.set()
+    for _ in range(100):
+        if gated.calls:
+            break
+        await trio.sleep(0.01)
+    await trio.sleep(0.05)
+    assert (tmp_path / "f.img").read_bytes()[:4096] == b"z" * 4096
+
+
+# -- a real ENOSPC ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_failed_write_fails_the_file_and_names_the_offset(tmp_path):
+    with small_tmpfs(tmp_path / "small", "1M") as small:
+        path = small / "sparse.img"
+        with open(path, "wb") as f:
+            f.truncate(8 * MiB)
+        fd = os.open(path, os.O_RDWR)
+        host = HostFile(fd, "file:d0")
+        try:
+            with pytest.raises(OSError) as failed:  # at a later write, or at the flush
+                for i in range(32):  # 2 MiB into a 1 MiB file system
+                    await host.write(i * 65536, os.urandom(65536))
+                await host.fdatasync()
+            assert failed.value.errno == errno.ENOSPC
+            assert "file:d0: a write of 65536 bytes at offset" in str(failed.value)
+            with pytest.raises(OSError):  # sticky: later writes are refused too
+                await host.write(0, b"x" * 512)
+        finally:
+            host.close()
+            os.close(fd)
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(90)
+def test_enospc_behind_the_mount_reaches_the_guest_at_its_flush(tmp_path, mount, write_spec):
+    """dd with conv=fsync into a disk whose host file system fills up: dd fails, the
+    daemon lives on, and `status` names the node."""
+    with small_tmpfs(tmp_path / "small", "1M") as small:
+        image = small / "d0.img"
+        with open(image, "wb") as f:
+            f.truncate(8 * MiB)
+        spec = write_spec(f'[nodes.d0]\ndriver = "raw"\nfilename = "{image}"\n'
+                          '[disks.vm0]\nnode = "d0"\n')  # fmt: skip
+        m = mount(spec)
+        result = subprocess.run(
+            ["dd", "if=/dev/urandom", f"of={m.path('vm0.img')}", "bs=64k", "count=32",
+             "conv=fsync,notrunc", "oflag=direct"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode != 0
+        assert "No space left on device" in result.stderr or "Input/output error" in result.stderr
+        # the daemon still answers, and the disk's first bytes read back
+        with open(m.path("vm0.img"), "rb") as f:
+            assert len(f.read(4096)) == 4096
+        assert cli("status", m.mountpoint).returncode == 0
+        m.stop()
