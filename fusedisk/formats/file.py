@@ -1,9 +1,10 @@
 """Driver `file`: a host file or block device, the leaf of every tree.
 
 Every request that can wait for the device goes through a HostFile
-(hostio.py): page-cache hits are answered inline (RWF_NOWAIT), everything
-else runs in the file's own worker pool, so a slow or hung host file stalls
-only its own requests, never the event loop or another disk.  fdatasync is
+(hostio.py): page-cache hits are answered inline (RWF_NOWAIT), buffered
+writes are queued to the file's writer thread (write_behind.py), everything
+else runs in the file's io_uring or worker pool, so a slow or hung host file
+stalls only its own requests, never the event loop or another disk.  fdatasync is
 skipped when nothing was written since the last one (as QEMU does).
 
 Options follow QEMU's file driver: `cache.direct` opens with O_DIRECT (the

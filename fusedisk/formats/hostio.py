@@ -10,6 +10,10 @@ wait for a device goes through a `HostFile`:
   buffered writes (EOPNOTSUPP, measured on kernel 6.18), so there every write
   takes the slow path.  A file opened with O_DIRECT has no fast path: its
   requests always wait for the device.
+- **Buffered writes behind**: acknowledged when queued, written in order by
+  the file's writer thread (write_behind.py, which says why that is safe);
+  everything that must see them (reads of those bytes, fdatasync, fallocate,
+  ftruncate, lseek walks) waits for them first.
 - **Slow path, off the loop**: reads, writes and fdatasync in the file's
   io_uring (uring.py: no thread at all) with `aio = "io_uring"`, or in a
   worker pool (fusedisk/workers.py: a few threads fed by a queue, completions
