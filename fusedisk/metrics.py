@@ -130,6 +130,9 @@ def _io(out: Exposition, prefix: str, labels: Labels, stats: dict[str, Any], wha
                 )
         elif key == "in_flight":
             out.add(f"{prefix}_in_flight", "gauge", f"{what}: requests in progress", labels, value)
+        elif key == "peak_in_flight":
+            out.add(f"{prefix}_peak_in_flight", "gauge",
+                    f"{what}: the most requests in progress at once", labels, value)  # fmt: skip
         else:
             for name, number in numbers(value, metric_name(key)):
                 out.add(f"{prefix}_{name}", "untyped", f"{what}: {name}", labels, number)

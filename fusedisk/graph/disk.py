@@ -71,6 +71,8 @@ class Disk:
             await self._gate.wait()
         self._in_flight += 1
         self.stats.in_flight = self._in_flight
+        if self._in_flight > self.stats.peak_in_flight:
+            self.stats.peak_in_flight = self._in_flight
 
     def _leave(self) -> None:
         self._in_flight -= 1

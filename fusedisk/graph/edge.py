@@ -150,6 +150,8 @@ class Edge:
             return padded[offset - start : offset - start + length]
         st = node.stats
         st.in_flight += 1
+        if st.in_flight > st.peak_in_flight:
+            st.peak_in_flight = st.in_flight
         t0 = perf_counter_ns()
         try:
             data = await node.read(offset, length)
@@ -204,6 +206,8 @@ class Edge:
     async def _write_now(self, node: Node, offset: int, data: bytes) -> None:
         st = node.stats
         st.in_flight += 1
+        if st.in_flight > st.peak_in_flight:
+            st.peak_in_flight = st.in_flight
         t0 = perf_counter_ns()
         try:
             await node.write(offset, data)
@@ -220,6 +224,8 @@ class Edge:
         node = self.node
         st = node.stats
         st.in_flight += 1
+        if st.in_flight > st.peak_in_flight:
+            st.peak_in_flight = st.in_flight
         t0 = perf_counter_ns()
         try:
             await node.flush()

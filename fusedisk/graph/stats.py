@@ -41,6 +41,8 @@ class IoStats:
     block_status_errors: int = 0
     block_status_ns: int = 0
     in_flight: int = 0
+    #: the most requests this node has had in flight at once (its deepest queue)
+    peak_in_flight: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -52,6 +54,7 @@ class IoStats:
                 "total_time_ns": getattr(self, f"{kind}_ns"),
             }
         out["in_flight"] = self.in_flight
+        out["peak_in_flight"] = self.peak_in_flight
         return out
 
     def reset(self) -> None:
