@@ -62,6 +62,7 @@ async def test_raw_window_maps_offsets_and_refuses_to_outgrow_it(tmp_path):
         disk = graph.disks["vm0"]
         assert disk.size == 4096
         await disk.write(0, b"w" * 4096)
+        await disk.flush()  # the host file shows acknowledged writes once flushed
         assert (tmp_path / "d0.img").read_bytes()[MiB : MiB + 4097] == b"w" * 4096 + b"\0"
         extents = await disk.root.block_status(0, 4096)
         assert extents[0].offset == 0 and extents[-1].end == 4096
