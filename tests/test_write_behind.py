@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import subprocess
@@ -21,7 +22,7 @@ import trio
 
 from fusedisk.formats.hostio import HostFile, pwrite_full
 from fusedisk.formats.write_behind import WriteBehind
-from tests.conftest import cli
+from tests.conftest import cli, raw_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,3 +213,28 @@ def test_enospc_behind_the_mount_reaches_the_guest_at_its_flush(tmp_path, mount,
             assert len(f.read(4096)) == 4096
         assert cli("status", m.mountpoint).returncode == 0
         m.stop()
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", [(), ("--transport", "pyfuse3")], ids=["kernel", "pyfuse3"])
+def test_closing_the_disk_file_puts_its_writes_in_the_host_file(
+    tmp_path, mount, write_spec, transport
+):
+    """close(2) flushes, as QEMU's FUSE export does: once dd (no fsync) has exited, the
+    host file holds what it wrote, while the disk is still mounted."""
+    image = tmp_path / "d0.img"
+    image.write_bytes(bytes(4 * MiB))
+    m = mount(write_spec(raw_spec(str(image))), extra_args=transport)
+    data = os.urandom(2 * MiB)
+    (tmp_path / "data").write_bytes(data)
+    result = subprocess.run(
+        ["dd", f"if={tmp_path / 'data'}", f"of={m.path('vm0.img')}", "bs=64k", "seek=16",
+         "conv=notrunc", "oflag=direct", "status=none"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert image.read_bytes()[MiB : 3 * MiB] == data
+    stats = json.loads(m.path("vm0", "nodes", "d0.file", "stats").read_text())
+    assert stats["write_behind_queued"] >= 32 and stats["write_behind_queued_bytes"] == 0
+    assert stats["flush"]["ops"] >= 1  # dd never called fsync: the close flushed

@@ -122,6 +122,7 @@ class MountFilesystem:
         self.tree = ControlTree(graph)
         self.inodes = InodeTable()
         self.handles: dict[int, Disk | ControlHandle] = {}
+        self._writers: set[int] = set()  # disk handles opened for writing
         self._next_fh = 1
         self._mounted_at = time.time_ns()
 
@@ -226,7 +227,10 @@ class MountFilesystem:
         if isinstance(entry, DiskEntry):
             if writing and entry.disk.read_only:
                 raise FsError(errno.EROFS)
-            return Opened(self._new_handle(entry.disk), True)
+            fh = self._new_handle(entry.disk)
+            if writing:
+                self._writers.add(fh)
+            return Opened(fh, True)
         if isinstance(entry, FileEntry):
             if writing and entry.write is None:
                 raise FsError(errno.EACCES)
@@ -276,7 +280,15 @@ class MountFilesystem:
                     raise FsError(errno.EIO) from e
                 raise
 
+    async def flush(self, fh: int) -> None:
+        """close(2) of a disk file opened for writing flushes the disk, as QEMU's FUSE
+        export does: after `dd` or `cp` exits, its data is durable and in the host
+        files (write-behind queues drained), where other programs see it."""
+        if fh in self._writers:
+            await self.fsync(fh)
+
     def release(self, fh: int) -> None:
+        self._writers.discard(fh)
         self.handles.pop(fh, None)
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

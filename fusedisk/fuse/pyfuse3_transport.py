@@ -138,7 +138,10 @@ class DiskOperations(pyfuse3.Operations):
             raise fuse_error(e, "fsync") from None
 
     async def flush(self, fh: int) -> None:
-        return None  # close(2) does not imply durability; fsync does
+        try:
+            await self.fs.flush(fh)
+        except Exception as e:
+            raise fuse_error(e, "flush") from None
 
     async def release(self, fh: int) -> None:
         self.fs.release(fh)

@@ -90,6 +90,7 @@ READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flag
 WRITE_IN = READ_IN  # fh offset size write_flags lock_owner flags pad
 RELEASE_IN = struct.Struct("<QIIQ")
 FSYNC_IN = struct.Struct("<QII")
+FLUSH_IN = struct.Struct("<QIIQ")  # fh, unused, padding, lock_owner
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode pad
 LSEEK_IN = struct.Struct("<QQII")  # fh offset whence pad
 BATCH_FORGET_IN = struct.Struct("<II")

@@ -68,7 +68,6 @@ class KernelSession:
             p.Op.OPEN: self._open,
             p.Op.STATFS: self._statfs,
             p.Op.RELEASE: self._release,
-            p.Op.FLUSH: self._empty,
             p.Op.OPENDIR: self._opendir,
             p.Op.READDIR: self._readdir,
             p.Op.READDIRPLUS: self._readdirplus,
@@ -80,6 +79,7 @@ class KernelSession:
             p.Op.WRITE: self._write,
             p.Op.SETATTR: self._setattr,
             p.Op.FSYNC: self._fsync,
+            p.Op.FLUSH: self._flush,
             p.Op.FALLOCATE: self._fallocate,
             p.Op.LSEEK: self._lseek,
         }
@@ -324,6 +324,10 @@ class KernelSession:
     def _fsync(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
         fh, *_ = p.unpack(p.FSYNC_IN, view, body, end)
         return _then_empty(self.fs.fsync(fh))
+
+    def _flush(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
+        fh, *_ = p.unpack(p.FLUSH_IN, view, body, end)
+        return _then_empty(self.fs.flush(fh))
 
     def _fallocate(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
         fh, offset, length, mode, _ = p.unpack(p.FALLOCATE_IN, view, body, end)
