@@ -174,14 +174,14 @@ async def test_a_failed_write_fails_the_file_and_names_the_offset(tmp_path):
         with open(path, "wb") as f:
             f.truncate(8 * MiB)
         fd = os.open(path, os.O_RDWR)
-        host = HostFile(fd, "file:d0")
+        host = HostFile(fd, "file:d0", where=f"node 'd0': '{path}'")
         try:
             with pytest.raises(OSError) as failed:  # at a later write, or at the flush
                 for i in range(32):  # 2 MiB into a 1 MiB file system
                     await host.write(i * 65536, os.urandom(65536))
                 await host.fdatasync()
             assert failed.value.errno == errno.ENOSPC
-            assert "file:d0: a write of 65536 bytes at offset" in str(failed.value)
+            assert f"node 'd0': '{path}': a write of 65536 bytes at offset" in str(failed.value)
             with pytest.raises(OSError):  # sticky: later writes are refused too
                 await host.write(0, b"x" * 512)
         finally:

@@ -152,7 +152,8 @@ class FileNode(Node):
         aio = self.options.get("aio") or default_aio()
         self.options["aio"] = aio  # options/aio shows the engine in use
         try:
-            self.host = HostFile(self.fd, f"file:{self.name}", direct=direct, aio=aio)
+            self.host = HostFile(self.fd, f"file:{self.name}", direct=direct, aio=aio,
+                                 where=f"node '{self.name}': '{self.path}'")  # fmt: skip
         except OSError as e:
             os.close(self.fd)
             self.fd = -1

@@ -220,6 +220,7 @@ class HostFile:
         direct: bool = False,
         workers: int = DEFAULT_WORKERS,
         aio: str = "threads",
+        where: str = "",
     ):
         self.fd = fd
         self.direct = direct
@@ -233,7 +234,7 @@ class HostFile:
         self._pread: Callable[[int, int, int], bytes] = direct_pread if direct else pread_full
         self._pwrite: Callable[[int, Buffer, int], None] = direct_pwrite if direct else pwrite_full
         # buffered writes: acknowledged when queued, written by one thread (write_behind.py)
-        self.behind = None if direct else WriteBehind(fd, name, pwrite_full)
+        self.behind = None if direct else WriteBehind(fd, name, pwrite_full, where=where)
         self.inline_reads = 0
         self.inline_writes = 0
 

@@ -84,8 +84,10 @@ class WriteBehind:
         name: str,
         write_all: Callable[[int, Buffer, int], None],
         max_bytes: int = DEFAULT_MAX_BYTES,
+        where: str = "",
     ) -> None:
         self.name = name
+        self.where = where or name  # how errors name the file
         self.max_bytes = max_bytes
         self._write_all = write_all
         self._fd = os.dup(fd)
@@ -117,7 +119,7 @@ class WriteBehind:
         """Queue a write; returns at once unless `max_bytes` are already queued."""
         self._raise_failure()
         if self._closed:
-            raise OSError(errno.EBADF, f"{self.name}: the file is closed")
+            raise OSError(errno.EBADF, f"{self.where}: the file is closed")
         while self._bytes + len(data) > self.max_bytes and self._pending:
             await self._wait_for(self._pending[0].seq)
             self._raise_failure()
@@ -211,7 +213,7 @@ class WriteBehind:
                     except OSError as e:
                         self._failure = OSError(
                             e.errno,
-                            f"{self.name}: a write of {len(w.data)} bytes at offset {w.offset}, "
+                            f"{self.where}: a write of {len(w.data)} bytes at offset {w.offset}, "
                             f"already acknowledged, failed: {e.strerror}; the file takes no "
                             "more writes until it is reopened",
                         )
