@@ -76,3 +76,27 @@ def test_qcow2_on_o_direct_stays_clean_for_qemu(tmp_path, write_spec, mount, aio
     assert_clean(image)
     (tmp_path / "model.raw").write_bytes(model)
     qemu_img("compare", "-q", "-f", "qcow2", "-F", "raw", image, tmp_path / "model.raw")
+
+
+@needs_qemu
+def test_files_named_in_the_header_inherit_the_cache_options(tmp_path, write_spec, mount) -> None:
+    """As QEMU's backing children inherit cache.direct and cache.no-flush: a backing chain
+    opened from headers (base <- mid <- top) uses O_DIRECT all the way down."""
+    base, mid, top = (tmp_path / f"{n}.qcow2" for n in ("base", "mid", "top"))
+    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 7 0 64k", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+    spec = (
+        f'[nodes.d0]\ndriver = "qcow2"\nfile = {{ driver = "file", filename = "{top}", '
+        'cache.direct = true, cache.no-flush = true }\n[disks.vm0]\nnode = "d0"\n'
+    )
+    m = mount(write_spec(spec))
+    nodes = m.path("vm0", "nodes")
+    leaves = ["d0.file", "d0.backing.file", "d0.backing.backing.file"]
+    for leaf in leaves:
+        assert (nodes / leaf / "options" / "cache.direct").read_text().strip() == "true", leaf
+        assert (nodes / leaf / "options" / "cache.no-flush").read_text().strip() == "true", leaf
+        assert json.loads((nodes / leaf / "stats").read_text())["request_alignment"] > 1, leaf
+    with open(m.path("vm0.img"), "rb") as f:
+        assert f.read(65536) == bytes([7]) * 65536

@@ -29,6 +29,9 @@ from fusedisk.graph.options import Option, option_table
 
 log = logging.getLogger("fusedisk")
 
+#: options of the image's file that files named in its header inherit (QEMU's names)
+_INHERITED_CACHE_OPTIONS = ("cache.direct", "cache.no-flush")
+
 _DEFAULT_REFCOUNT_CACHE = 1 << 20
 _MAX_CHAIN = 256
 
@@ -102,8 +105,10 @@ class Qcow2Node(Node):
             if not filename:
                 raise OpenError(f"node '{self.name}': child 'file' is required")
             leaf = await self.context.open_implicit(
-                self, "file", "file", {"filename": filename, "read-only": self.read_only}
-            )
+                self, "file", "file",
+                {"filename": filename, "read-only": self.read_only,
+                 **self.options.get("_cache", {})},
+            )  # fmt: skip
             self.add_child("file", Role.FILE, leaf)
         await super().open()
         self.image = Qcow2Image(
@@ -143,7 +148,15 @@ class Qcow2Node(Node):
 
     def _implicit_options(self) -> dict[str, Any]:
         """What a node opened from this image's header inherits: where its own may point."""
-        return {"_roots": self._header_roots, "backing-files": self.options.get("backing-files")}
+        return {"_roots": self._header_roots, "backing-files": self.options.get("backing-files"),
+                "_cache": self._cache_options()}  # fmt: skip
+
+    def _cache_options(self) -> dict[str, Any]:
+        """The cache options of this image's own file, which the files its header names
+        inherit, as QEMU's backing and data-file children inherit cache.direct and
+        cache.no-flush."""
+        own = self.file.node.options
+        return {k: own[k] for k in _INHERITED_CACHE_OPTIONS if k in own}
 
     async def _open_data_file(self) -> None:
         h = self.image.h
@@ -164,8 +177,9 @@ class Qcow2Node(Node):
             )
         path = self._header_path(h.data_file, "its data file")
         leaf = await self.context.open_implicit(
-            self, "data-file", "file", {"filename": path, "read-only": self.read_only}
-        )
+            self, "data-file", "file",
+            {"filename": path, "read-only": self.read_only, **self._cache_options()},
+        )  # fmt: skip
         self.image.data = self.add_child("data-file", Role.DATA, leaf)
 
     async def _open_backing(self) -> None:
@@ -195,8 +209,9 @@ class Qcow2Node(Node):
             )  # fmt: skip
         elif fmt in ("raw", "file"):
             node = await self.context.open_implicit(
-                self, "backing", "file", {"filename": path, "read-only": True}
-            )
+                self, "backing", "file",
+                {"filename": path, "read-only": True, **self._cache_options()},
+            )  # fmt: skip
         else:
             raise NotSupported(
                 f"node '{self.name}': {self.where}: backing format '{fmt}' is not supported "
