@@ -29,7 +29,8 @@ What keeps that safe:
 - **Data not copied twice.**  `bytes` are kept as they are; a mutable buffer
   (luks reuses its output buffers) is copied first.
 
-The writer has its own duplicate of the file descriptor, so a file closed
+The writer thread starts at the first write (a backing file never written
+costs none) with its own duplicate of the file descriptor, so a file closed
 while writes are still queued (a hung device) cannot make the thread write
 into whatever file next gets that descriptor number.
 """
@@ -90,7 +91,8 @@ class WriteBehind:
         self.where = where or name  # how errors name the file
         self.max_bytes = max_bytes
         self._write_all = write_all
-        self._fd = os.dup(fd)
+        self._source_fd = fd
+        self._fd = -1  # the writer's own duplicate, made with the thread at the first write
         self._token = trio.lowlevel.current_trio_token()
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -106,7 +108,6 @@ class WriteBehind:
         #: counters for `stats`
         self.queued = 0
         self.waits = 0
-        threading.Thread(target=self._run, name=f"{name}-writer", daemon=True).start()
 
     # -- the trio side ---------------------------------------------------------------
 
@@ -123,6 +124,9 @@ class WriteBehind:
         while self._bytes + len(data) > self.max_bytes and self._pending:
             await self._wait_for(self._pending[0].seq)
             self._raise_failure()
+        if self._fd < 0:  # a file never written (a backing file) costs no thread
+            self._fd = os.dup(self._source_fd)
+            threading.Thread(target=self._run, name=f"{self.name}-writer", daemon=True).start()
         self._seq += 1
         w = _Write(self._seq, offset, _immutable(data))
         self._pending.append(w)
@@ -151,7 +155,8 @@ class WriteBehind:
         """No more writes; the thread writes what is queued, then closes its descriptor."""
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
+            if self._fd >= 0:
+                self._queue.put(None)
 
     def statistics(self) -> dict[str, int]:
         self._forget_done()
