@@ -125,7 +125,10 @@ class Ring:
             os.close(self.fd)
             raise
         self._waiting: dict[int, _Request] = {}
-        self._slots = trio.Semaphore(params.sq_entries)  # never more in flight than fit
+        # never more in flight than the rings hold; a counter, not a trio.Semaphore,
+        # whose acquire costs a pass of the scheduler per request even when free
+        self._entries = params.sq_entries
+        self._room = trio.lowlevel.ParkingLot()
         self._next = 0
         self._closed = trio.CancelScope()
         trio.lowlevel.spawn_system_task(self._reap, name="io_uring reaper")
@@ -172,6 +175,8 @@ class Ring:
             if request is not None and request.task is not None:
                 trio.lowlevel.reschedule(request.task, outcome.Value(res))
         _U32.pack_into(cq, self._cq_head_at, head)
+        if self._room:  # room freed, abandoned reads included: waiters look again
+            self._room.unpark_all()
 
     async def _submit(
         self, opcode: int, fd: int, offset: int, buf: Any, length: int, flags: int, abandon: bool
@@ -180,8 +185,9 @@ class Ring:
         if self.fd < 0:
             raise OSError(errno.EBADF, "the io_uring is closed")
         addr, keep = _address(buf) if buf is not None else (0, None)
-        async with self._slots:
-            return await self._run(opcode, fd, offset, addr, keep, length, flags, abandon)
+        while len(self._waiting) >= self._entries:
+            await self._room.park()
+        return await self._run(opcode, fd, offset, addr, keep, length, flags, abandon)
 
     async def _run(
         self, opcode: int, fd: int, offset: int, addr: int, keep: Any, length: int, flags: int,
