@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.mount, pytest.mark.timeout(180), needs("qemu-img")]
 
 MiB = 1 << 20
 
+
 def read_all(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()

@@ -40,6 +40,7 @@ from fusedisk.graph.options import Option, option_table
 
 log = logging.getLogger("fusedisk")
 
+
 def _skip_filters(node: Node) -> Node:
     """The first node at or below `node` that is not a filter (follows FILTERED edges)."""
     while True:

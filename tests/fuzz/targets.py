@@ -80,6 +80,8 @@ def qcow2_image(data: bytes) -> None:
 
 #: the metadata size `fusedisk dedup create --size 1M` makes (the corpus holds its first pages)
 DEDUP_METADATA_SIZE = 16822272
+
+
 async def _open_and_write(spec_text: str) -> None:
     spec = parse_spec(spec_text, _FOLDER / "spec.toml")
     graph = await Graph.open(spec)
