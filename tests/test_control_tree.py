@@ -88,7 +88,7 @@ def test_stats_count_the_requests_made(tmp_path, write_spec, mount):
         stats = json.loads(m.path("vm0", "nodes", node, "stats").read_text())
         assert stats["write"]["ops"] == 3 and stats["write"]["bytes"] == 3 * 4096, node
         assert stats["read"]["ops"] == 1 and stats["read"]["bytes"] == 8192, node
-        assert stats["flush"]["ops"] == 1, node
+        assert stats["flush"]["ops"] == 2, node  # the fsync, and the close
         assert stats["in_flight"] == 0
     disk = json.loads(m.path("vm0", "stats").read_text())
     assert disk["write"]["ops"] == 3 and disk["read"]["bytes"] == 8192
