@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import threading
@@ -16,9 +17,12 @@ from hypothesis import strategies as st
 from fusedisk.filters import sector_cipher
 from fusedisk.filters.sector_cipher import (
     CipherSpecError,
+    XtsCipher,
     expand_tweaks,
     make_sector_cipher,
+    sector_pieces,
     split_cipher_spec,
+    times_alpha_power,
 )
 
 SECTOR = 512
@@ -90,7 +94,7 @@ def test_tweak_expansion_is_multiplication_by_alpha():
     values = [0, 1, 2**127, 2**128 - 1] + [rng.getrandbits(128) for _ in range(20)]
     first = np.array([[v & (2**64 - 1), v >> 64] for v in values], dtype="<u8")
     out = np.empty((len(values), 32, 2), dtype="<u8")
-    work = np.empty((3, len(values), 31), dtype="<u8")
+    work = np.empty((5, len(values), 31), dtype="<u8")
     expand_tweaks(first, out, work)
     for i, v in enumerate(values):
         t = v
@@ -178,6 +182,78 @@ def test_threads_share_one_cipher_safely():
 def test_unsupported_ciphers_are_named(name, mode, key_bytes, message):
     with pytest.raises(CipherSpecError, match=message):
         make_sector_cipher(name, mode, bytes(key_bytes))
+
+
+@pytest.mark.parametrize(
+    ("mode", "key_bytes"),
+    [("xts-plain64", 64), ("xts-plain64", 32), ("cbc-essiv:sha256", 32), ("cbc-plain", 16)],
+)
+@pytest.mark.parametrize(("count", "most"), [(2, 2), (3, 2), (CHUNK + 3, 2), (2047, 4), (9, 8)])
+def test_pieces_done_on_threads_at_once_equal_one_pass(mode, key_bytes, count, most):
+    """The luks node cuts large requests into pieces for its workers: same bytes."""
+    sc = make_sector_cipher("aes", mode, seeded(count, key_bytes))
+    data = seeded(count + 1, count * SECTOR)
+    first = 2**32 - 5  # `plain` wraps inside the request
+    pieces = sector_pieces(len(data), most, SECTOR)
+    assert len(pieces) == min(most, count)
+    for encrypting, expected in ((True, sc.encrypt(first, data)), (False, sc.decrypt(first, data))):
+        out = bytearray(len(data))
+        src, dst = memoryview(data), memoryview(out)
+        threads = [
+            threading.Thread(
+                target=sc.crypt_into,
+                args=(first + start // SECTOR, src[start:end], dst[start:end], encrypting),
+            )
+            for start, end in pieces
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert bytes(out) == expected
+
+
+@pytest.mark.parametrize("size", [512, 3 * 512, 256 << 10, (1 << 20) + 512, 7 << 20])
+@pytest.mark.parametrize("most", [1, 2, 3, 16])
+def test_sector_pieces_cover_the_request_in_whole_sectors(size, most):
+    smallest = 256 << 10
+    pieces = sector_pieces(size, most, smallest)
+    assert pieces[0][0] == 0 and pieces[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    assert all(start % SECTOR == 0 and end > start for start, end in pieces)
+    assert 1 <= len(pieces) <= most
+    assert len(pieces) == 1 or all(end - start >= smallest for start, end in pieces)
+
+
+def test_alpha_powers_are_repeated_multiplication():
+    v = random.Random(3).getrandbits(128)
+    w = v
+    for _ in range(32):
+        w = times_alpha_power(w, 1)
+    assert times_alpha_power(v, 32) == w
+    assert times_alpha_power(1 << 127, 1) == 0x87
+
+
+@pytest.mark.parametrize("count", [1, CHUNK + 1])
+def test_xts_stream_and_the_ecb_pass_give_the_same_bytes(count):
+    key = seeded(11, 64)
+    data = seeded(12, count * SECTOR)
+    stream = make_sector_cipher("aes", "xts-plain64", key)
+    ecb = make_sector_cipher("aes", "xts-plain64", key)
+    assert isinstance(stream, XtsCipher) and isinstance(ecb, XtsCipher) and stream.stream
+    ecb.stream = False
+    assert stream.encrypt(99, data) == ecb.encrypt(99, data)
+    assert stream.decrypt(99, data) == ecb.decrypt(99, data)
+
+
+def test_xts_key_with_equal_halves_takes_the_ecb_pass():
+    """OpenSSL refuses to encrypt XTS with two equal key halves; such a key still works."""
+    key = seeded(13, 32) * 2
+    data = seeded(14, 5 * SECTOR)
+    sc = make_sector_cipher("aes", "xts-plain64", key)
+    assert isinstance(sc, XtsCipher) and not sc.stream
+    assert sc.decrypt(7, data) == per_sector(modes.XTS, key, 7, data, False, le64_iv)
+    assert sc.decrypt(7, sc.encrypt(7, data)) == data
 
 
 def test_partial_sectors_are_refused():

@@ -88,8 +88,28 @@ async def test_format_on_a_blank_child_then_data_round_trips(tmp_path, blank):
         await graph.close()
 
 
-async def test_large_requests_on_worker_threads_give_the_same_bytes(tmp_path, blank, monkeypatch):
-    await formatted(tmp_path)
+async def read_in_small_requests(tmp_path: Path, length: int, **options) -> bytes:
+    """The disk's first `length` bytes, read by a fresh graph in requests done inline."""
+    graph = await open_graph(tmp_path, luks_spec(**options))
+    try:
+        disk = graph.disks["vm0"]
+        return b"".join(
+            [await disk.read(o, min(64 << 10, length - o)) for o in range(0, length, 64 << 10)]
+        )
+    finally:
+        await graph.close()
+
+
+@pytest.mark.parametrize("cipher", ["aes-xts-plain64", "aes-cbc-essiv:sha256"])
+@pytest.mark.parametrize("pieces", [False, True])
+async def test_large_requests_on_worker_threads_give_the_same_bytes(
+    tmp_path, blank, monkeypatch, cipher, pieces
+):
+    size = "256" if "cbc" in cipher else "512"
+    graph = await open_graph(
+        tmp_path, luks_spec(format="true", cipher=f'"{cipher}"', **{"key-size": size})
+    )
+    await graph.close()
     data = pattern(2, 3 * MiB)
     graph = await open_graph(tmp_path, luks_spec())
     try:
@@ -97,19 +117,25 @@ async def test_large_requests_on_worker_threads_give_the_same_bytes(tmp_path, bl
     finally:
         await graph.close()
     monkeypatch.setattr(luks_driver, "THREAD_MIN_BYTES", 4096)
+    if pieces:  # three workers, pieces of any size: an odd sector count splits unevenly
+        monkeypatch.setattr(luks_driver, "PIECE_MIN_BYTES", 512)
+        monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    else:
+        monkeypatch.setattr(luks_driver, "PIECE_MIN_BYTES", 1 << 40)
     graph = await open_graph(tmp_path, luks_spec())
+    odd = data[: MiB + 5 * 512]  # 2053 sectors
     try:
         disk = graph.disks["vm0"]
         assert await disk.read(0, len(data)) == data
-        await disk.write(MiB, data[:MiB])
-        assert graph.nodes["crypt"].driver_stats()["threaded_requests"] >= 2
+        await disk.write(3 * 512, odd)
+        stats = graph.nodes["crypt"].driver_stats()
+        assert stats["threaded_requests"] >= 2
+        assert (stats["split_requests"] >= 2) == pieces
     finally:
         await graph.close()
-    graph = await open_graph(tmp_path, luks_spec())
-    try:
-        assert await graph.disks["vm0"].read(0, len(data)) == data[:MiB] * 2 + data[2 * MiB :]
-    finally:
-        await graph.close()
+    monkeypatch.undo()
+    expected = data[: 3 * 512] + odd + data[3 * 512 + len(odd) :]
+    assert await read_in_small_requests(tmp_path, len(data)) == expected
 
 
 async def test_write_zeroes_writes_encrypted_zeroes(tmp_path, blank):
