@@ -201,8 +201,15 @@ def fusedisk_direct_threads(image: Path, fmt: str, work: Path) -> AbstractContex
 
 
 def fusedisk_unencrypted(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
-    """The same image file through a `raw` node: what a `luks` disk costs over no cipher."""
-    return fusedisk_mount(image, "raw", work)
+    """The payload of the same image file through a `raw` node: a `luks` disk without
+    its cipher.  LUKS1 keeps the payload offset, in sectors, at byte 104 (big endian)."""
+    with open(image, "rb") as f:
+        head = f.read(108)
+    offset = int.from_bytes(head[104:108], "big") * 512 if head[:4] == b"LUKS" else 0
+    child = f'file = {{ driver = "file", filename = "{image}" }}'
+    return mounted_spec(
+        work, f'[nodes.d0]\ndriver = "raw"\n{child}\noffset = {offset}\n[disks.vm0]\nnode = "d0"\n'
+    )
 
 
 def qsd_direct(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:

@@ -155,6 +155,7 @@ class LuksNode(Node):
     _formatted = False
     _threaded = 0
     _split = 0
+    _in_pool = 0
     header: lh.LuksHeader
 
     @property
@@ -240,11 +241,28 @@ class LuksNode(Node):
         if len(data) < THREAD_MIN_BYTES:
             return cipher.encrypt(sector, data) if encrypting else cipher.decrypt(sector, data)
         self._threaded += 1
-        pieces = sector_pieces(len(data), self._pool.max_workers, PIECE_MIN_BYTES)
-        if len(pieces) == 1:
+        self._in_pool += 1
+        try:
+            # Alone, a request takes every worker; with others in the pool the
+            # workers are busy anyway and pieces would only add hand-offs.
+            if self._in_pool == 1:
+                pieces = sector_pieces(len(data), self._pool.max_workers, PIECE_MIN_BYTES)
+                if len(pieces) > 1:
+                    return await self._crypt_pieces(cipher, encrypting, sector, data, pieces)
             run = cipher.encrypt if encrypting else cipher.decrypt
             return await self._pool.run(run, sector, data)
-        # Every piece into its slice of one buffer: no join afterwards.
+        finally:
+            self._in_pool -= 1
+
+    async def _crypt_pieces(
+        self,
+        cipher: SectorCipher,
+        encrypting: bool,
+        sector: int,
+        data: Buffer,
+        pieces: list[tuple[int, int]],
+    ) -> bytes:
+        """One request's pieces on as many workers at once, into one buffer (no join)."""
         out = np.empty(len(data), dtype=np.uint8)
         src, dst = memoryview(data), out.data
 
