@@ -48,10 +48,13 @@ from fusedisk.workers import WorkerPool
 #: ~15% on average at 4 in flight and were even at 1; in-process, one request
 #: at a time, the hand-off made 16-256 KiB requests slower than inline.
 THREAD_MIN_BYTES = 512 << 10
-#: ... and cut at sector boundaries into pieces of at least this size, one per
-#: worker (one per core), done at once: a request waiting for its cipher then
-#: waits for a fraction of it (docs/drivers/luks.md, "Speed").
-PIECE_MIN_BYTES = 256 << 10
+#: ... and, alone in the pool, cut at sector boundaries into pieces of at
+#: least this size, one per worker, done at once.  Measured through the mount
+#: on the shared 2-core VMs (docs/benchmarks.md, session 3), 1 MiB requests in
+#: two 512 KiB pieces were slower than whole (the other core is seldom idle:
+#: the FUSE loop, fio and the kernel's copies use it), so only requests of
+#: 2 MiB and more are cut.
+PIECE_MIN_BYTES = 1 << 20
 #: write_zeroes encrypts zeroes in pieces of this size
 ZERO_CHUNK = 1 << 20
 _ZEROES = bytes(ZERO_CHUNK)

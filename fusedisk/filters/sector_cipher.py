@@ -2,14 +2,18 @@
 
 A request of N sectors is encrypted with a fixed number of calls into
 `cryptography`, never one per sector: one `Cipher(AES(key), XTS(tweak))` per
-sector costs ~9 µs of setup and caps near 60 MB/s (../../docs/drivers/luks.md).
+sector costs 4-9 µs of setup and caps near 60-130 MB/s (../../docs/drivers/luks.md).
 
 aes-xts-<iv> (IEEE P1619), for a request starting at sector s:
 
     IV[i]     = ivgen(s + i)                      N × 16 bytes, numpy
     T[i, 0]   = AES-ECB(key2, IV[i])              one ECB pass over all N IVs
-    T[i, j]   = T[i, 0] · α^j  in GF(2^128)       j = 0..31, by doubling (5 numpy steps)
-    C         = AES-ECB(key1, P ⊕ T) ⊕ T          one ECB pass over the whole request
+    T[i, j]   = T[i, 0] · α^j  in GF(2^128)       j = 0..31, all at once in numpy
+    C         = AES-ECB(key1, P ⊕ T) ⊕ T          one AES pass over the whole request
+
+The last AES pass is OpenSSL's own XTS over the whole chunk where it can be
+(XtsCipher: ~3× faster than its ECB here); the tweak expansion is most of
+what is left (docs/drivers/luks.md, "Speed").
 
 aes-cbc-<iv>: decryption is one ECB pass (P[j] = D(C[j]) ⊕ C[j-1]); encryption
 is chained inside a sector, so it runs 32 ECB passes per request, each over
