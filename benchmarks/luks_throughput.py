@@ -3,10 +3,12 @@
     python benchmarks/luks_throughput.py [--seconds 1] [--cipher aes-xts-plain64]
 
 1. The sector cipher on 1 MiB requests (encrypt, decrypt), on the event loop's
-   thread: what one request costs.
+   thread: what one request costs; for XTS also where its time goes (the CPU
+   time of each stage of a 1 MiB request, as in docs/drivers/luks.md).
 2. The luks node (through Graph/Disk, no FUSE) over a file in /dev/shm, with
-   1 and 4 requests in flight, requests encrypted inline or on worker threads
-   (the node's THREAD_MIN_BYTES set to 256 KiB): whether the hand-off pays.
+   1 and 4 requests in flight, requests encrypted inline, on worker threads
+   (the node's THREAD_MIN_BYTES set to 256 KiB), or on worker threads in
+   pieces (PIECE_MIN_BYTES 256 KiB too): whether each hand-off pays.
 
 Numbers are MB/s (10^6 bytes per second), best of three runs.  The machines
 are noisy; compare figures from the same run.
@@ -18,11 +20,14 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import trio
 
 from fusedisk.filters import luks as luks_driver
+from fusedisk.filters import sector_cipher as sc
 from fusedisk.filters.sector_cipher import make_sector_cipher, split_cipher_spec
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import parse_spec
@@ -46,6 +51,45 @@ def cipher_speed(cipher: str, request: int, seconds: float) -> tuple[float, floa
             best = max(best, n * request / (time.perf_counter() - t0) / 1e6)
         results.append(best)
     return results[0], results[1]
+
+
+def cpu_us(fn: Callable[[], object], repeat: int = 200) -> float:
+    """CPU time of one call, in µs (the thread's own time: steadier than the clock
+    on a shared machine)."""
+    fn()
+    t0 = time.thread_time()
+    for _ in range(repeat):
+        fn()
+    return (time.thread_time() - t0) / repeat * 1e6
+
+
+def xts_stages() -> dict[str, float]:
+    """CPU µs per 1 MiB of each stage of XtsCipher._chunk, in its order."""
+    cipher = make_sector_cipher("aes", "xts-plain64", os.urandom(64))
+    assert isinstance(cipher, sc.XtsCipher)
+    ws = cipher._local
+    n = sc.CHUNK_SECTORS
+    per_mib = MiB // (n * sc.SECTOR)
+    src = np.frombuffer(os.urandom(n * sc.SECTOR), dtype="<u8")
+    dst = np.empty_like(src)
+    ivs = cipher._ivgen.ivs(0, n)
+    tweak_ecb = cipher._context(ws, "tweak", cipher._k2, True)
+    first = np.frombuffer(tweak_ecb.update(ivs.tobytes()), dtype="<u8").reshape(n, 2)
+    flat = ws.tweaks.reshape(-1)
+    aes = cipher._stream_context(ws, True)
+    stages: dict[str, Callable[[], object]] = {
+        "IVs and their ECB pass": lambda: tweak_ecb.update(cipher._ivgen.ivs(0, n).tobytes()),
+        "tweak expansion": lambda: sc.expand_tweaks(first, ws.tweaks, ws.work),
+        "XOR in": lambda: np.bitwise_xor(src, flat, out=ws.masked),
+        "XTS (OpenSSL)": lambda: aes.update_into(ws.masked.view(np.uint8).data, ws.ecb_out),
+        "XOR out": lambda: np.bitwise_xor(ws.ecb_view, flat, out=dst),
+    }
+    result = {name: cpu_us(fn) * per_mib for name, fn in stages.items()}
+    data = os.urandom(MiB)
+    kept = bytearray(data)  # bytes(bytes) would be the same object, not a copy
+    result["copy into new bytes"] = cpu_us(lambda: bytes(kept))
+    result["whole request (encrypt)"] = cpu_us(lambda: cipher.encrypt(0, data))
+    return result
 
 
 async def node_speed(
@@ -118,12 +162,19 @@ def main() -> None:
             f"encrypt {enc:.0f} MB/s, decrypt {dec:.0f} MB/s"
         )
 
+    if args.cipher.startswith("aes-xts"):
+        print("1 MiB XTS request, CPU time per stage:")
+        for name, us in xts_stages().items():
+            print(f"  {name:24} {us:6.0f} µs")
+
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    modes = (("inline", 1 << 62, 1 << 62), ("threads", 256 << 10, 1 << 62),
+             ("pieces", 256 << 10, 256 << 10))  # fmt: skip
     with tempfile.TemporaryDirectory(dir=shm) as tmp:
-        saved = luks_driver.THREAD_MIN_BYTES
+        saved = luks_driver.THREAD_MIN_BYTES, luks_driver.PIECE_MIN_BYTES
         try:
-            for label, threshold in (("inline", 1 << 62), ("threads", 256 << 10)):
-                luks_driver.THREAD_MIN_BYTES = threshold
+            for label, threshold, piece in modes:
+                luks_driver.THREAD_MIN_BYTES, luks_driver.PIECE_MIN_BYTES = threshold, piece
                 for depth in (1, 4):
                     w, r = trio.run(node_speed, Path(tmp), args.cipher, MiB, depth, args.seconds)
                     print(
@@ -131,7 +182,7 @@ def main() -> None:
                         f"write {w:.0f} MB/s, read {r:.0f} MB/s"
                     )
         finally:
-            luks_driver.THREAD_MIN_BYTES = saved
+            luks_driver.THREAD_MIN_BYTES, luks_driver.PIECE_MIN_BYTES = saved
 
 
 if __name__ == "__main__":
