@@ -116,6 +116,9 @@ class QuorumNode(Node):
         self._children_set = QuorumChildren(self)
         self._yielding: set[str] = set()  # children seen yielding to trio (see _each)
         self._concurrent_requests = 0
+        #: child reads in progress now, and the most ever at once (`stats`: proof of overlap)
+        self.child_reads_in_flight = 0
+        self.child_reads_in_flight_peak = 0
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -201,10 +204,15 @@ class QuorumNode(Node):
         results: dict[str, Any] = {}
 
         async def one(edge: Edge) -> None:
+            self.child_reads_in_flight += 1
+            if self.child_reads_in_flight > self.child_reads_in_flight_peak:
+                self.child_reads_in_flight_peak = self.child_reads_in_flight
             try:
                 results[edge.name] = await edge.read(offset, length)
             except Exception as e:
                 results[edge.name] = e
+            finally:
+                self.child_reads_in_flight -= 1
 
         await self._each(edges, one)
         return results
@@ -396,4 +404,8 @@ class QuorumNode(Node):
         }
 
     def driver_stats(self) -> dict[str, Any]:
-        return self.health.stats()
+        return {
+            **self.health.stats(),
+            "child_reads_in_flight": self.child_reads_in_flight,
+            "child_reads_in_flight_peak": self.child_reads_in_flight_peak,
+        }
