@@ -3,18 +3,26 @@
 
     .venv/bin/python benchmarks/quorum_bench.py [--size 256M] [--runtime 5] [--dir DIR]
         [--jobs seq-read-1M,rand-read-4k-qd1,...] [--pattern quorum|fifo] [--json OUT]
+        [--delay MS] [--cold]
 
 Every target is a fusedisk mount of fully written images (random data, the same
 in each child), measured in one run with the jobs of fio_compare.py.  The quorum
-reads every child concurrently and compares the results, so its reads should
-cost little more than the slowest child; writes go to all three.  Results
+reads every child and compares the results; writes go to all three.  Results
 belong in docs/benchmarks.md with the machine they ran on.
+
+Slow children, the case where overlap matters: `--delay MS` puts a `faults` node
+holding every read MS milliseconds over each child and over the single disk, so a
+quorum read that overlaps its children costs one delay and one that does not costs
+three.  `--cold` evicts the images from the page cache before each job
+(posix_fadvise DONTNEED on the image files only: a global drop_caches would
+disturb whatever else runs on the machine), so reads reach the device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,16 +54,35 @@ def make_images(work: Path, size: int, count: int) -> list[Path]:
     return images
 
 
-def single_spec(images: list[Path], pattern: str) -> str:
-    return f'[nodes.d0]\ndriver = "raw"\nfilename = "{images[-1]}"\n[disks.vm0]\nnode = "d0"\n'
+def leaf(image: Path, delay: int) -> str:
+    """A raw node over `image` as an inline table; with `delay`, behind a delaying faults node."""
+    raw = f'{{ driver = "raw", filename = "{image}" }}'
+    if not delay:
+        return raw
+    return f'{{ driver = "faults", delay-reads = true, delay = {delay}, file = {raw} }}'
 
 
-def quorum_spec(images: list[Path], pattern: str) -> str:
-    children = ", ".join(f'{{ driver = "raw", filename = "{p}" }}' for p in images[:3])
+def single_spec(images: list[Path], pattern: str, delay: int) -> str:
+    return f'[nodes]\nd0 = {leaf(images[-1], delay)}\n[disks.vm0]\nnode = "d0"\n'
+
+
+def quorum_spec(images: list[Path], pattern: str, delay: int) -> str:
+    children = ", ".join(leaf(p, delay) for p in images[:3])
     return (
         f'[nodes.q]\ndriver = "quorum"\nvote-threshold = 2\nread-pattern = "{pattern}"\n'
         f'children = [{children}]\n[disks.vm0]\nnode = "q"\n'
     )
+
+
+def evict(images: list[Path]) -> None:
+    """Drop these files (only) from the page cache, after writing back what is dirty."""
+    for image in images:
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 TARGETS = {"single raw": single_spec, "quorum 3 x raw": quorum_spec}
@@ -69,6 +96,10 @@ def main() -> int:
     parser.add_argument("--pattern", default="quorum", choices=("quorum", "fifo"))
     parser.add_argument("--dir", help="work folder (default: a temporary one)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--delay", type=int, default=0, help="hold every child read MS ms")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the images from the page cache before each job"
+    )
     args = parser.parse_args()
     if not shutil.which("fio"):
         raise SystemExit("fio is not installed")
@@ -81,8 +112,10 @@ def main() -> int:
         images = make_images(work, size, 4)
         for target, make_spec in TARGETS.items():
             results[target] = {}
-            with mounted_spec(work, make_spec(images, args.pattern)) as path:
+            with mounted_spec(work, make_spec(images, args.pattern, args.delay)) as path:
                 for job in jobs:
+                    if args.cold:
+                        evict(images)
                     results[target][job] = run_fio(path, JOBS[job], args.runtime, size)
                     print(f"{target:>16} {job:<20} {results[target][job]}", file=sys.stderr)
     finally:
@@ -92,7 +125,10 @@ def main() -> int:
     print(f"\nMachine: {machine()}")
     print(
         f"Images: raw, {args.size}; quorum read-pattern {args.pattern}, vote-threshold 2; "
-        f"fio libaio direct=1, {args.runtime} s per job\n"
+        f"fio libaio direct=1, {args.runtime} s per job"
+        + (f"; every read held {args.delay} ms (faults)" if args.delay else "")
+        + ("; page cache evicted before each job" if args.cold else "")
+        + "\n"
     )
     single, quorum = list(TARGETS)
     print_table(results, jobs, quorum, single, "quorum / single")
