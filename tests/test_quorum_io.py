@@ -3,7 +3,7 @@ children are waited for at once, not one after another), and large page-cache re
 land in the returned bytes in one copy.
 
 Overlap is shown without timing: the quorum counts the child reads it has in
-progress (`child_reads_in_flight_peak` in its `stats`), and with one guest request
+progress (`peak_child_reads_in_flight` in its `stats`), and with one guest request
 at a time (dd with O_DIRECT) a peak of 3 means one request's three child reads
 were in progress together.  Run one after another, the peak would stay 1.
 """
@@ -86,7 +86,7 @@ def test_slow_children_are_read_at_once_not_one_after_another(tmp_path, write_sp
     for i in range(4):
         assert dd_read(m, i * 65536, 65536) == data[i * 65536 : (i + 1) * 65536]
     stats = node_stats(m, "q")
-    assert stats["child_reads_in_flight_peak"] == 3, stats
+    assert stats["peak_child_reads_in_flight"] == 3, stats
     assert stats["child_reads_in_flight"] == 0
     for i in range(3):
         assert node_stats(m, f"f{i}")["requests_delayed"] >= 4
@@ -103,7 +103,7 @@ def test_cold_children_are_read_at_once(tmp_path, write_spec, mount):
         if not all(evict(tmp_path / f"c{c}.img") for c in range(3)):
             pytest.skip("the page cache of this file system cannot be evicted (tmpfs?)")
         assert dd_read(m, offset, MiB) == data[offset : offset + MiB]
-    assert node_stats(m, "q")["child_reads_in_flight_peak"] == 3
+    assert node_stats(m, "q")["peak_child_reads_in_flight"] == 3
 
 
 @pytest.mark.mount

@@ -118,7 +118,7 @@ class QuorumNode(Node):
         self._concurrent_requests = 0
         #: child reads in progress now, and the most ever at once (`stats`: proof of overlap)
         self.child_reads_in_flight = 0
-        self.child_reads_in_flight_peak = 0
+        self.peak_child_reads_in_flight = 0
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -205,8 +205,8 @@ class QuorumNode(Node):
 
         async def one(edge: Edge) -> None:
             self.child_reads_in_flight += 1
-            if self.child_reads_in_flight > self.child_reads_in_flight_peak:
-                self.child_reads_in_flight_peak = self.child_reads_in_flight
+            if self.child_reads_in_flight > self.peak_child_reads_in_flight:
+                self.peak_child_reads_in_flight = self.child_reads_in_flight
             try:
                 results[edge.name] = await edge.read(offset, length)
             except Exception as e:
@@ -407,5 +407,5 @@ class QuorumNode(Node):
         return {
             **self.health.stats(),
             "child_reads_in_flight": self.child_reads_in_flight,
-            "child_reads_in_flight_peak": self.child_reads_in_flight_peak,
+            "peak_child_reads_in_flight": self.peak_child_reads_in_flight,
         }
