@@ -28,9 +28,14 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 
 
-def make_children(tmp_path: Path, data: bytes) -> None:
+def mount_quorum(
+    tmp_path: Path, write_spec: Any, mount: Any, delay_ms: int = 0
+) -> tuple[Mount, bytes]:
+    """Three raw children holding the same random data, under faults nodes, mounted."""
+    data = os.urandom(SIZE)
     for i in range(3):
         (tmp_path / f"c{i}.img").write_bytes(data)
+    return mount(write_spec(quorum_spec(delay_ms))), data
 
 
 def evict(path: Path) -> bool:
@@ -80,9 +85,7 @@ def dd_read(m: Mount, offset: int, length: int) -> bytes:
 @pytest.mark.mount
 @needs("dd")
 def test_slow_children_are_read_at_once_not_one_after_another(tmp_path, write_spec, mount):
-    data = os.urandom(SIZE)
-    make_children(tmp_path, data)
-    m = mount(write_spec(quorum_spec(delay_ms=200)))
+    m, data = mount_quorum(tmp_path, write_spec, mount, delay_ms=200)
     for i in range(4):
         assert dd_read(m, i * 65536, 65536) == data[i * 65536 : (i + 1) * 65536]
     stats = node_stats(m, "q")
@@ -95,9 +98,7 @@ def test_slow_children_are_read_at_once_not_one_after_another(tmp_path, write_sp
 @pytest.mark.mount
 @needs("dd")
 def test_cold_children_are_read_at_once(tmp_path, write_spec, mount):
-    data = os.urandom(SIZE)
-    make_children(tmp_path, data)
-    m = mount(write_spec(quorum_spec()))
+    m, data = mount_quorum(tmp_path, write_spec, mount)
     for i in range(4):
         offset = (2 * i + 1) * MiB
         if not all(evict(tmp_path / f"c{c}.img") for c in range(3)):
@@ -109,9 +110,7 @@ def test_cold_children_are_read_at_once(tmp_path, write_spec, mount):
 @pytest.mark.mount
 @needs("dd")
 def test_cached_children_agree_and_large_reads_stay_inline(tmp_path, write_spec, mount):
-    data = os.urandom(SIZE)
-    make_children(tmp_path, data)
-    m = mount(write_spec(quorum_spec()))
+    m, data = mount_quorum(tmp_path, write_spec, mount)
     for i in range(4):
         assert dd_read(m, i * MiB, MiB) == data[i * MiB : (i + 1) * MiB]
     for i in range(3):
