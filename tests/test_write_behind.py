@@ -238,3 +238,22 @@ def test_closing_the_disk_file_puts_its_writes_in_the_host_file(
     stats = json.loads(m.path("vm0", "nodes", "d0.file", "stats").read_text())
     assert stats["write_behind_queued"] >= 32 and stats["write_behind_queued_bytes"] == 0
     assert stats["flush"]["ops"] >= 1  # dd never called fsync: the close flushed
+
+
+async def test_a_write_after_a_full_queue_emptied_meanwhile_goes_straight_in(tmp_path):
+    fd = open_file(tmp_path)
+    gated = GatedWrite()
+    behind = WriteBehind(fd, "t", gated, max_bytes=16 * 1024)
+    try:
+        for i in range(4):
+            await behind.write(i * 4096, b"c" * 4096)  # full
+        gated.gate.set()
+        while behind.busy:  # the writer empties it; nobody has looked yet
+            await trio.sleep(0.01)
+        await behind.write(4 * 4096, b"d" * 4096)
+        await behind.drain()
+        assert os.pread(fd, 5 * 4096, 0) == b"c" * 16384 + b"d" * 4096
+    finally:
+        gated.gate.set()
+        behind.close()
+        os.close(fd)

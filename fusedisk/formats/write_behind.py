@@ -143,11 +143,13 @@ class WriteBehind:
         """
         self._forget_done()
         queued = self._bytes
+        target = self._done  # nothing queued (all written meanwhile): no wait
         for w in self._pending:
             if queued <= self.max_bytes // 2:
-                return w.seq - 1 if w.seq > 1 else w.seq
+                break
             queued -= len(w.data)
-        return self._pending[-1].seq
+            target = w.seq
+        return target
 
     async def drain(self) -> None:
         """Wait until every queued write is in the file; raises the file's failure."""
