@@ -48,6 +48,13 @@ def open_file(tmp_path: Path, size: int = 4 * MiB) -> int:
     return os.open(path, os.O_RDWR)
 
 
+@contextlib.contextmanager
+def gated_queue(tmp_path: Path, **options: int) -> Iterator[tuple[int, GatedWrite, WriteBehind]]:
+    """A WriteBehind on a fresh file whose writes wait for the gate; all closed after."""
+    with gated_queue(tmp_path, **options) as (fd, gated, behind):
+        yield fd, gated, behind
+
+
 async def test_writes_land_in_order_and_reads_see_them(tmp_path):
     """Overlapping writes in random order: reads (while queued) and the file match a model."""
     fd = open_file(tmp_path, MiB)
@@ -72,10 +79,7 @@ async def test_writes_land_in_order_and_reads_see_them(tmp_path):
 
 
 async def test_a_read_of_a_queued_write_waits_for_it(tmp_path):
-    fd = open_file(tmp_path)
-    gated = GatedWrite()
-    behind = WriteBehind(fd, "t", gated)
-    try:
+    with gated_queue(tmp_path) as (fd, gated, behind):
         await behind.write(4096, b"new" * 100)
         assert behind.busy
         read_done = trio.Event()
@@ -91,17 +95,10 @@ async def test_a_read_of_a_queued_write_waits_for_it(tmp_path):
             assert not read_done.is_set()  # overlaps the queued write: held
             gated.gate.set()
         assert os.pread(fd, 300, 4096) == b"new" * 100
-    finally:
-        gated.gate.set()
-        behind.close()
-        os.close(fd)
 
 
 async def test_a_full_queue_holds_the_next_write(tmp_path):
-    fd = open_file(tmp_path)
-    gated = GatedWrite()
-    behind = WriteBehind(fd, "t", gated, max_bytes=64 * 1024)
-    try:
+    with gated_queue(tmp_path, max_bytes=64 * 1024) as (fd, gated, behind):
         for i in range(16):
             await behind.write(i * 4096, b"a" * 4096)  # 64 KiB: all queued at once
         assert behind.waits == 0
@@ -113,27 +110,16 @@ async def test_a_full_queue_holds_the_next_write(tmp_path):
         await behind.drain()
         assert os.pread(fd, 17 * 4096, 0) == b"a" * 65536 + b"b" * 4096
         assert behind.waits >= 1
-    finally:
-        gated.gate.set()
-        behind.close()
-        os.close(fd)
 
 
 async def test_mutable_buffers_are_copied_before_they_are_acknowledged(tmp_path):
-    fd = open_file(tmp_path)
-    gated = GatedWrite()
-    behind = WriteBehind(fd, "t", gated)
-    try:
+    with gated_queue(tmp_path) as (fd, gated, behind):
         buf = bytearray(b"x" * 4096)
         await behind.write(0, buf)
         buf[:] = b"y" * 4096  # as luks reuses its output buffer
         gated.gate.set()
         await behind.drain()
         assert os.pread(fd, 4096, 0) == b"x" * 4096
-    finally:
-        gated.gate.set()
-        behind.close()
-        os.close(fd)
 
 
 async def test_close_with_queued_writes_still_writes_them(tmp_path):
@@ -241,10 +227,7 @@ def test_closing_the_disk_file_puts_its_writes_in_the_host_file(
 
 
 async def test_a_write_after_a_full_queue_emptied_meanwhile_goes_straight_in(tmp_path):
-    fd = open_file(tmp_path)
-    gated = GatedWrite()
-    behind = WriteBehind(fd, "t", gated, max_bytes=16 * 1024)
-    try:
+    with gated_queue(tmp_path, max_bytes=16 * 1024) as (fd, gated, behind):
         for i in range(4):
             await behind.write(i * 4096, b"c" * 4096)  # full
         gated.gate.set()
@@ -253,7 +236,3 @@ async def test_a_write_after_a_full_queue_emptied_meanwhile_goes_straight_in(tmp
         await behind.write(4 * 4096, b"d" * 4096)
         await behind.drain()
         assert os.pread(fd, 5 * 4096, 0) == b"c" * 16384 + b"d" * 4096
-    finally:
-        gated.gate.set()
-        behind.close()
-        os.close(fd)
