@@ -51,8 +51,15 @@ def open_file(tmp_path: Path, size: int = 4 * MiB) -> int:
 @contextlib.contextmanager
 def gated_queue(tmp_path: Path, **options: int) -> Iterator[tuple[int, GatedWrite, WriteBehind]]:
     """A WriteBehind on a fresh file whose writes wait for the gate; all closed after."""
-    with gated_queue(tmp_path, **options) as (fd, gated, behind):
+    fd = open_file(tmp_path)
+    gated = GatedWrite()
+    behind = WriteBehind(fd, "t", gated, **options)
+    try:
         yield fd, gated, behind
+    finally:
+        gated.gate.set()
+        behind.close()
+        os.close(fd)
 
 
 async def test_writes_land_in_order_and_reads_see_them(tmp_path):
