@@ -97,7 +97,7 @@ async def test_a_read_of_a_queued_write_waits_for_it(tmp_path):
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
-            await behind.before_read(0, 4096)  # no overlap: no wait
+            await behind.before_read(MiB, 4096)  # another page: no wait
             await trio.sleep(0.05)
             assert not read_done.is_set()  # overlaps the queued write: held
             gated.gate.set()
@@ -243,3 +243,32 @@ async def test_a_write_after_a_full_queue_emptied_meanwhile_goes_straight_in(tmp
         await behind.write(4 * 4096, b"d" * 4096)
         await behind.drain()
         assert os.pread(fd, 5 * 4096, 0) == b"c" * 16384 + b"d" * 4096
+
+
+async def test_a_page_stays_held_while_a_later_write_to_it_is_queued(tmp_path):
+    """Two writes in one page: once the first is written, a read of the page still
+    waits for the second."""
+    fd = open_file(tmp_path)
+    one_at_a_time = threading.Semaphore(0)
+
+    def write_all(fd: int, data: bytes, offset: int) -> None:
+        one_at_a_time.acquire(timeout=30)
+        pwrite_full(fd, data, offset)
+
+    behind = WriteBehind(fd, "t", write_all)
+    try:
+        await behind.write(0, b"1" * 1024)
+        await behind.write(2048, b"2" * 1024)
+        one_at_a_time.release()  # the first lands
+        while behind._done < 1:
+            await trio.sleep(0.01)
+        with trio.move_on_after(0.1) as held:
+            await behind.before_read(0, 4096)
+        assert held.cancelled_caught  # the second is still queued in that page
+        one_at_a_time.release()
+        await behind.before_read(0, 4096)
+        assert os.pread(fd, 3072, 0) == b"1" * 1024 + bytes(1024) + b"2" * 1024
+    finally:
+        one_at_a_time.release()
+        behind.close()
+        os.close(fd)
