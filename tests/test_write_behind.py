@@ -97,7 +97,7 @@ async def test_a_read_of_a_queued_write_waits_for_it(tmp_path):
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
-            await behind.before_read(MiB, 4096)  # another page: no wait
+            await behind.before_read(MiB, 4096)  # no overlap: no wait
             await trio.sleep(0.05)
             assert not read_done.is_set()  # overlaps the queued write: held
             gated.gate.set()

@@ -52,10 +52,10 @@ Buffer = bytes | bytearray | memoryview
 
 #: queued bytes per file before a write waits for the oldest one
 DEFAULT_MAX_BYTES = 16 << 20
-#: reads find the queued writes they overlap by 4 KiB page (a dict lookup per page),
-#: not by scanning a queue that may hold thousands of writes; pages, not larger chunks,
-#: so that a random read rarely waits for a write it does not overlap
-CHUNK_BITS = 12
+#: reads find the queued writes they may overlap through the 64 KiB chunks those
+#: writes touch (a dict lookup per chunk, then an exact check of the few writes there),
+#: not by scanning a queue that may hold thousands of writes
+CHUNK_BITS = 16
 
 
 def _chunks(offset: int, length: int) -> range:
@@ -106,7 +106,7 @@ class WriteBehind:
         self._lock = threading.Lock()
         # trio side: writes queued and not yet seen done, oldest first
         self._pending: collections.deque[_Write] = collections.deque()
-        self._last_in_chunk: dict[int, int] = {}  # chunk -> newest queued write touching it
+        self._in_chunk: dict[int, list[_Write]] = {}  # chunk -> queued writes touching it
         self._bytes = 0
         self._seq = 0
         # shared with the thread, under _lock
@@ -139,8 +139,9 @@ class WriteBehind:
         self._seq += 1
         w = _Write(self._seq, offset, _immutable(data))
         self._pending.append(w)
+        in_chunk = self._in_chunk
         for chunk in _chunks(offset, len(w.data)):
-            self._last_in_chunk[chunk] = w.seq
+            in_chunk.setdefault(chunk, []).append(w)
         self._bytes += len(w.data)
         self.queued += 1
         self._queue.put(w)
@@ -169,12 +170,16 @@ class WriteBehind:
         self._raise_failure()
 
     async def before_read(self, offset: int, length: int) -> None:
-        """Wait for the queued writes in the pages [offset, offset+length) touches
-        (a write sharing a page without overlapping is waited for too: harmless)."""
+        """Wait for the queued writes that overlap [offset, offset+length)."""
         self._forget_done()
-        last_in_chunk = self._last_in_chunk
-        last = max((last_in_chunk.get(c, 0) for c in _chunks(offset, length)), default=0)
-        if last > self._done:
+        in_chunk = self._in_chunk
+        end = offset + length
+        last = 0
+        for chunk in _chunks(offset, length):
+            for w in in_chunk.get(chunk, ()):
+                if w.seq > last and w.offset < end and offset < w.offset + len(w.data):
+                    last = w.seq
+        if last:
             await self._wait_for(last)
 
     def close(self) -> None:
@@ -196,13 +201,15 @@ class WriteBehind:
     def _forget_done(self) -> None:
         done = self._done
         pending = self._pending
-        last_in_chunk = self._last_in_chunk
+        in_chunk = self._in_chunk
         while pending and pending[0].seq <= done:
             w = pending.popleft()
             self._bytes -= len(w.data)
             for chunk in _chunks(w.offset, len(w.data)):
-                if last_in_chunk.get(chunk) == w.seq:  # no later write touches it
-                    del last_in_chunk[chunk]
+                writes = in_chunk[chunk]
+                del writes[0]  # the oldest of its chunk: writes are done in order
+                if not writes:
+                    del in_chunk[chunk]
 
     async def _wait_for(self, seq: int) -> None:
         """Until the write numbered `seq` (and so every earlier one) is done."""
