@@ -253,11 +253,13 @@ class WriteBehind:
                 if self._failure is None:
                     try:
                         self._write_all(self._fd, w.data, w.offset)
-                    except OSError as e:
+                    except Exception as e:  # the thread must live on: writers wait on it
+                        code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+                        why = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
                         self._failure = OSError(
-                            e.errno,
+                            code,
                             f"{self.where}: a write of {len(w.data)} bytes at offset {w.offset}, "
-                            f"already acknowledged, failed: {e.strerror}; the file takes no "
+                            f"already acknowledged, failed: {why}; the file takes no "
                             "more writes until it is reopened",
                         )
                 with self._lock:
