@@ -44,7 +44,6 @@ class Disk:
         self.stats = IoStats()
         self.drains = 0
         self.zero_writes_detected = 0
-        self._in_flight = 0
         self._gate: trio.Event | None = None  # set while a drain holds the gate closed
         self._idle: trio.Event | None = None
         self._drain_lock = trio.Lock()
@@ -69,15 +68,11 @@ class Disk:
     async def _enter(self) -> None:
         while self._gate is not None:
             await self._gate.wait()
-        self._in_flight += 1
-        self.stats.in_flight = self._in_flight
-        if self._in_flight > self.stats.peak_in_flight:
-            self.stats.peak_in_flight = self._in_flight
+        self.stats.started()
 
     def _leave(self) -> None:
-        self._in_flight -= 1
-        self.stats.in_flight = self._in_flight
-        if self._idle is not None and self._in_flight == 0:
+        self.stats.in_flight -= 1
+        if self._idle is not None and self.stats.in_flight == 0:
             self._idle.set()
 
     @asynccontextmanager
@@ -90,7 +85,7 @@ class Disk:
             for node in nodes:
                 node.begin_drain()
             try:
-                if self._in_flight:
+                if self.stats.in_flight:
                     self._idle = trio.Event()
                     await self._idle.wait()
                 await self.root.flush()

@@ -149,9 +149,7 @@ class Edge:
             padded = await self.read(start, end - start)
             return padded[offset - start : offset - start + length]
         st = node.stats
-        st.in_flight += 1
-        if st.in_flight > st.peak_in_flight:
-            st.peak_in_flight = st.in_flight
+        st.started()
         t0 = perf_counter_ns()
         try:
             data = await node.read(offset, length)
@@ -205,9 +203,7 @@ class Edge:
 
     async def _write_now(self, node: Node, offset: int, data: bytes) -> None:
         st = node.stats
-        st.in_flight += 1
-        if st.in_flight > st.peak_in_flight:
-            st.peak_in_flight = st.in_flight
+        st.started()
         t0 = perf_counter_ns()
         try:
             await node.write(offset, data)
@@ -223,9 +219,7 @@ class Edge:
     async def flush(self) -> None:
         node = self.node
         st = node.stats
-        st.in_flight += 1
-        if st.in_flight > st.peak_in_flight:
-            st.peak_in_flight = st.in_flight
+        st.started()
         t0 = perf_counter_ns()
         try:
             await node.flush()

@@ -6,7 +6,7 @@ request passes several of these on its way down.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("read", "write", "flush", "discard", "write_zeroes", "block_status")
@@ -44,6 +44,12 @@ class IoStats:
     #: the most requests this node has had in flight at once (its deepest queue)
     peak_in_flight: int = 0
 
+    def started(self) -> None:
+        """A request begins: one more in flight, and perhaps a new peak."""
+        self.in_flight += 1
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for kind in KINDS:
@@ -56,7 +62,3 @@ class IoStats:
         out["in_flight"] = self.in_flight
         out["peak_in_flight"] = self.peak_in_flight
         return out
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, 0)
