@@ -248,3 +248,17 @@ def test_disk_errors_reach_the_client_as_nbd_errors(tmp_path, write_spec):
         qemu_io(server.uri, "write -P 0x21 2M 4k", "read -P 0x21 2M 4k")  # the rest works
     finally:
         server.stop()
+
+
+@pytest.mark.mount
+def test_a_connection_that_wrote_flushes_as_it_ends(tmp_path, write_spec, mount):
+    """nbdcopy without --flush sends no NBD_CMD_FLUSH: the end of its connections
+    flushes the disk, so its data is in the host file once it exits."""
+    image = make_image(tmp_path / "d0.img", 16 * MiB)
+    sock = tmp_path / "nbd.sock"
+    m = mount(write_spec(raw_spec()), extra_args=("--nbd", f"unix:{sock}"))
+    source = make_image(tmp_path / "src.raw", 16 * MiB, b"ends")
+    run_tool("nbdcopy", source, nbd_uri(sock, "vm0"))
+    stats = json.loads(m.path("vm0", "nodes", "d0.file", "stats").read_text())
+    assert stats["flush"]["ops"] >= 1
+    assert image.read_bytes() == source.read_bytes()

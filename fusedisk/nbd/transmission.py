@@ -48,6 +48,7 @@ class Transmission:
         self.session = session
         self.disk = session.disk
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._wrote = False  # the client wrote (a write, trim or write-zeroes)
 
     async def run(self) -> None:
         """Serve requests until the client disconnects; in-flight ones finish first.
@@ -60,8 +61,21 @@ class Transmission:
             async with trio.open_nursery() as nursery:
                 ended = await self._read_requests(nursery)
             self.conn.finish_writing()
+        await self._flush_at_end()
         if ended is not None:
             raise ended
+
+    async def _flush_at_end(self) -> None:
+        """A connection that wrote flushes the disk as it ends, as a close(2) of the disk
+        file does: what a client such as nbdcopy wrote is then in the host files."""
+        if not self._wrote:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.disk.flush()
+            except Exception as e:  # nobody is left to tell but the log
+                log.warning("disk '%s': the flush at the end of an NBD connection failed: %s",
+                            self.disk.name, e)  # fmt: skip
 
     async def _read_requests(self, nursery: trio.Nursery) -> Exception | None:
         """Start a task per request; returns why the stream ended (None: NBD_CMD_DISC)."""
@@ -141,6 +155,8 @@ class Transmission:
         if kind == p.CMD_BLOCK_STATUS:
             await self._block_status(req)
             return
+        if kind in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+            self._wrote = True
         if kind == p.CMD_WRITE:
             await disk.write(req.offset, payload)
         elif kind == p.CMD_FLUSH:
