@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from fusedisk.filters import luks as luks_driver
-from fusedisk.filters import sector_cipher as sc
-from fusedisk.filters.sector_cipher import make_sector_cipher, split_cipher_spec
+from fusedisk.filters.luks import cipher as sc
+from fusedisk.filters.luks import node as luks_driver
+from fusedisk.filters.luks.cipher import make_sector_cipher, split_cipher_spec
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import parse_spec
 

@@ -307,7 +307,7 @@ def parse_spec(text: str, path: Path) -> Spec:
 
 def _inherit_read_only(spec: Spec) -> None:
     """A read-only node's children open read-only too, as QEMU's inherit: its image is
-    never written, and the image lock (formats/locking.py) then lets others read it."""
+    never written, and the image lock (hostio/locking.py) then lets others read it."""
 
     def mark(name: str) -> None:
         node = spec.nodes[name]

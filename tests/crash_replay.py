@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedisk.formats.file import FileNode
+from fusedisk.formats.file.node import FileNode
 
 SECTOR = 512
 #: a sector a reader could not read (a quorum without majority), see mismatches()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fusedisk.nbd import protocol as p
+from fusedisk.export.nbd import protocol as p
 
 START_TIMEOUT = 20.0
 

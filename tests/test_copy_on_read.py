@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from fusedisk.errors import OpenError
-from fusedisk.filters.copy_on_read import CopyOnReadNode
+from fusedisk.filters.copy_on_read.node import CopyOnReadNode
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.extents import Extent, Status, merge_extents
 from fusedisk.graph.graph import Graph

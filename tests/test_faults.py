@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from fusedisk.errors import ControlError, IOFailure, OpenError, to_errno
-from fusedisk.filters.faults import FaultsNode, parse_errno
+from fusedisk.filters.faults.node import FaultsNode, parse_errno
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.registry import drivers
 from fusedisk.spec import parse_spec

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedisk.formats.hostio import fallocate
+from fusedisk.hostio.host_file import fallocate
 from tests.conftest import make_image, needs, raw_spec, read_at, run
 from tests.qcow2_helpers import MiB, assert_clean, create, needs_qemu, qemu_img
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from fusedisk.errors import SpecError
-from fusedisk.formats.file import FileNode
-from fusedisk.formats.hostio import HostFile, direct_io_alignment
+from fusedisk.formats.file.node import FileNode
 from fusedisk.graph.graph import Graph
+from fusedisk.hostio.host_file import HostFile, direct_io_alignment
 from fusedisk.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(60)

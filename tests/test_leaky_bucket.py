@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fusedisk.filters.leaky_bucket import (
+from fusedisk.filters.throttle.bucket import (
     NS_PER_S,
     VALUE_MAX,
     Direction,

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusedisk.filters import sector_cipher
-from fusedisk.filters.sector_cipher import (
+from fusedisk.filters.luks import cipher as sector_cipher
+from fusedisk.filters.luks.cipher import (
     CipherSpecError,
     XtsCipher,
     expand_tweaks,

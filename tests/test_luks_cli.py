@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from fusedisk.cli import main
-from fusedisk.filters import luks_header as lh
+from fusedisk.filters.luks import header as lh
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.registry import drivers
 from fusedisk.spec import load_spec

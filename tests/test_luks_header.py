@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from fusedisk.errors import CorruptImage, OpenError
-from fusedisk.filters import luks_header as lh
+from fusedisk.filters.luks import header as lh
 
 MiB = 1 << 20
 

@@ -22,7 +22,7 @@ import trio
 
 from fusedisk.cli import main
 from fusedisk.errors import OpenError
-from fusedisk.filters import luks_header as lh
+from fusedisk.filters.luks import header as lh
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import parse_spec
 from tests.conftest import make_image, needs

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fusedisk.errors import CorruptImage, OpenError, ReadOnly
-from fusedisk.filters import luks as luks_driver
-from fusedisk.filters import luks_header as lh
+from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import node as luks_driver
 from fusedisk.graph.extents import Status
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.registry import drivers

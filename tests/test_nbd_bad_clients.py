@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fusedisk.nbd import protocol as p
+from fusedisk.export.nbd import protocol as p
 from tests.conftest import make_image, raw_spec
 from tests.nbd_helpers import RawClient, Server
 

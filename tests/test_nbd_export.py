@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from fusedisk.nbd import protocol as p
+from fusedisk.export.nbd import protocol as p
 from tests.conftest import make_image, needs, raw_spec, run, write_at
 from tests.nbd_helpers import RawClient, Server, file_bytes, nbd_uri, run_tool
 

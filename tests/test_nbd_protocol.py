@@ -16,10 +16,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fusedisk.export.nbd import protocol as p
+from fusedisk.export.nbd.address import parse_address
+from fusedisk.export.nbd.server import serve_connection
 from fusedisk.graph.disk import Disk
-from fusedisk.nbd import protocol as p
-from fusedisk.nbd.address import parse_address
-from fusedisk.nbd.server import serve_connection
 from fusedisk.spec import DiskSpec
 from tests.memory_node import MemoryNode
 

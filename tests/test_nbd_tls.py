@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from fusedisk.errors import OpenError
+from fusedisk.export.nbd import protocol as p
 from fusedisk.graph.graph import Graph
-from fusedisk.nbd import protocol as p
 from fusedisk.spec import load_spec
 from tests.conftest import make_image, needs, raw_spec
 from tests.nbd_helpers import RawClient, Server, external_servers, file_bytes, run_tool

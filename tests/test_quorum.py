@@ -16,8 +16,8 @@ import trio
 import trio.testing
 
 from fusedisk.errors import ControlError, IOFailure, OpenError
-from fusedisk.filters.quorum import QuorumNode
-from fusedisk.filters.quorum_vote import VOTE_BLOCK, vote
+from fusedisk.filters.quorum.node import QuorumNode
+from fusedisk.filters.quorum.vote import VOTE_BLOCK, vote
 from fusedisk.fuse.tree import ControlTree, DirEntry, FileEntry, LinkEntry
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.edge import Edge

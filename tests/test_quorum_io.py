@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fusedisk.formats.hostio import ONE_COPY_MIN, HostFile
+from fusedisk.hostio.host_file import ONE_COPY_MIN, HostFile
 from tests.conftest import needs
 from tests.mounting import Mount
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from fusedisk.errors import ControlError, OpenError, SpecError
-from fusedisk.filters.throttle import ThrottleGroup, ThrottleNode
+from fusedisk.filters.throttle.node import ThrottleGroup, ThrottleNode
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.registry import drivers

@@ -9,7 +9,7 @@ import time
 import pytest
 import trio
 
-from fusedisk.formats.uring import Ring, available
+from fusedisk.hostio.uring import Ring, available
 
 pytestmark = [
     pytest.mark.timeout(30),

@@ -8,7 +8,7 @@ import time
 import pytest
 import trio
 
-from fusedisk.workers import PoolClosed, WorkerPool
+from fusedisk.hostio.workers import PoolClosed, WorkerPool
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from fusedisk.formats.hostio import HostFile, pwrite_full
-from fusedisk.formats.write_behind import WriteBehind
+from fusedisk.hostio.host_file import HostFile, pwrite_full
+from fusedisk.hostio.write_behind import WriteBehind
 from tests.conftest import cli, raw_spec
 
 pytestmark = pytest.mark.timeout(60)

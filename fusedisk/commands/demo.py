@@ -12,8 +12,8 @@ from pathlib import Path
 
 from fusedisk.commands import mount as mount_command
 from fusedisk.errors import SpecError
-from fusedisk.formats.hostfiles import write_new_file
 from fusedisk.formats.qcow2.create import create_qcow2
+from fusedisk.hostio.files import write_new_file
 
 DEMO_SPEC = """\
 # The fusedisk demo: the seed tree -- a throttled, encrypted quorum of three

@@ -20,8 +20,8 @@ from typing import Any
 import trio
 
 from fusedisk.errors import OpenError, SpecError
-from fusedisk.filters import luks_header as lh
-from fusedisk.filters.luks import CIPHERS, ask_passphrase, read_key_env, read_key_file
+from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks.node import CIPHERS, ask_passphrase, read_key_env, read_key_file
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.options import OptionValueError, parse_size

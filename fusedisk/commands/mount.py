@@ -20,8 +20,8 @@ from pathlib import Path
 import trio
 
 from fusedisk.errors import FuseDiskError, SpecError
+from fusedisk.export.nbd.address import parse_address
 from fusedisk.fuse.serve import TRANSPORTS, serve
-from fusedisk.nbd.address import parse_address
 from fusedisk.service.notify import Notifier
 from fusedisk.spec import Spec, load_spec
 

@@ -20,11 +20,11 @@ from functools import partial
 import trio
 
 from fusedisk.commands.mount import _setup_logging
+from fusedisk.export.nbd.address import parse_address
+from fusedisk.export.nbd.server import serve_nbd
+from fusedisk.export.nbd.tls import server_context
 from fusedisk.fuse.serve import tune_malloc
 from fusedisk.graph.graph import Graph
-from fusedisk.nbd.address import parse_address
-from fusedisk.nbd.server import serve_nbd
-from fusedisk.nbd.tls import server_context
 from fusedisk.service.notify import Notifier
 from fusedisk.spec import Spec, load_spec
 

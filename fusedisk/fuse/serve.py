@@ -20,11 +20,11 @@ from typing import Any
 
 import trio
 
+from fusedisk.export.nbd.server import nbd_front
 from fusedisk.fuse.filesystem import MountFilesystem
 from fusedisk.fuse.kernel import mounting
 from fusedisk.fuse.kernel.session import KernelSession
 from fusedisk.graph.graph import Graph
-from fusedisk.nbd.server import nbd_front
 from fusedisk.spec import Spec
 
 log = logging.getLogger("fusedisk")

@@ -253,7 +253,7 @@ def apply_changes(spec: Spec, changes: list[dict[str, Any]]) -> Spec:
                 for node in overlay_specs(overlay):
                     spec.nodes[node.name] = node
                 overlay_files[overlay["node"]] = (change["name"], overlay["filename"])
-        elif op == "replace":  # a quorum child replaced by a spare (filters/quorum.py)
+        elif op == "replace":  # a quorum child replaced by a spare (filters/quorum/node.py)
             old, new = change["old"], change["new"]
             if old not in spec.nodes or new not in spec.nodes:
                 raise SpecError(

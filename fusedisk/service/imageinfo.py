@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from fusedisk.errors import FuseDiskError
-from fusedisk.filters import luks_header
+from fusedisk.filters.luks import header as luks_header
 from fusedisk.formats.dedup import layout as dedup_layout
 from fusedisk.formats.qcow2 import layout as qcow2_layout
 from fusedisk.formats.qcow2.snapshots import read_snapshot_table

@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from fusedisk.errors import FuseDiskError
-from fusedisk.filters import luks_header as lh
+from fusedisk.filters.luks import header as lh
 from fusedisk.formats.dedup.layout import PAGE, TxnHeader, pick_superblock
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import parse_spec, spec_from_bytes

@@ -25,8 +25,8 @@ from typing import Any
 
 import trio
 
+from fusedisk.export.nbd.address import Address
 from fusedisk.formats.nbd.libnbd import libnbd
-from fusedisk.nbd.address import Address
 
 log = logging.getLogger("fusedisk")
 

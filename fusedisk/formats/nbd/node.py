@@ -29,12 +29,12 @@ from typing import Any, TypeVar
 import trio
 
 from fusedisk.errors import IOFailure, OpenError
+from fusedisk.export.nbd.address import DEFAULT_PORT, Address
 from fusedisk.formats.nbd.client import ConnectionLost, ExportInfo, NbdClient
 from fusedisk.formats.nbd.libnbd import libnbd
 from fusedisk.graph.extents import Extent, Status, clip_extents, merge_extents
 from fusedisk.graph.node import GraphOp, Node
 from fusedisk.graph.options import Option, option_table
-from fusedisk.nbd.address import DEFAULT_PORT, Address
 
 log = logging.getLogger("fusedisk")
 

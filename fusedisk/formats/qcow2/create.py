@@ -16,7 +16,6 @@ import struct
 from pathlib import Path
 
 from fusedisk.errors import OpenError, SpecError
-from fusedisk.formats.hostfiles import check_kind, open_host_file, read_head
 from fusedisk.formats.qcow2.layout import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
@@ -34,6 +33,7 @@ from fusedisk.formats.qcow2.layout import (
     Header,
     pack_header,
 )
+from fusedisk.hostio.files import check_kind, open_host_file, read_head
 
 _COMPAT_NAMES = {0: "lazy refcounts"}
 _AUTOCLEAR_NAMES = {0: "bitmaps", 1: "raw external data"}

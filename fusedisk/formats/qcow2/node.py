@@ -18,7 +18,6 @@ from typing import Any
 import trio
 
 from fusedisk.errors import CorruptImage, NotSupported, OpenError
-from fusedisk.formats.hostfiles import header_file_path, read_head
 from fusedisk.formats.qcow2.create import create_qcow2
 from fusedisk.formats.qcow2.image import Qcow2Image
 from fusedisk.formats.qcow2.layout import MAGIC
@@ -26,6 +25,7 @@ from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSlot, GraphOp, Node, Role
 from fusedisk.graph.options import Option, option_table
+from fusedisk.hostio.files import header_file_path, read_head
 
 log = logging.getLogger("fusedisk")
 

@@ -1,7 +1,7 @@
 """Driver `throttle`: QEMU's I/O limits, alone or shared in a throttle group.
 
 The algorithm (the leaky bucket as a meter, bursts, iops-size, the validity
-rules) lives in leaky_bucket.py; this file is the trio glue: queues of
+rules) lives in bucket.py; this file is the trio glue: queues of
 waiting requests, round-robin among the members of a group, run-time changes
 and the drain hook.
 
@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import trio
 
 from fusedisk.errors import ControlError, NotSupported, OpenError
-from fusedisk.filters.leaky_bucket import (
+from fusedisk.filters.throttle.bucket import (
     NS_PER_S,
     OPTION_NAMES,
     Direction,

@@ -23,14 +23,14 @@ from typing import Any
 import trio
 
 from fusedisk.errors import SpecError
+from fusedisk.export.nbd.address import Address, parse_address
+from fusedisk.export.nbd.connection import ClientGone, Connection
+from fusedisk.export.nbd.handshake import Negotiation
+from fusedisk.export.nbd.protocol import ProtocolError
+from fusedisk.export.nbd.tls import server_context
+from fusedisk.export.nbd.transmission import Transmission
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
-from fusedisk.nbd.address import Address, parse_address
-from fusedisk.nbd.connection import ClientGone, Connection
-from fusedisk.nbd.handshake import Negotiation
-from fusedisk.nbd.protocol import ProtocolError
-from fusedisk.nbd.tls import server_context
-from fusedisk.nbd.transmission import Transmission
 
 log = logging.getLogger("fusedisk")
 

@@ -21,7 +21,7 @@ import ssl
 
 import trio
 
-from fusedisk.nbd.protocol import ProtocolError
+from fusedisk.export.nbd.protocol import ProtocolError
 
 #: a batch of replies up to this size goes out joined in one send(2)
 COALESCE = 1 << 20

@@ -10,8 +10,8 @@ The node changes data, so it derives from Node (which refuses by default)
 and implements every request itself.  A snapshot passes below it
 (graph_op PASS): the overlays then store ciphertext.
 
-The on-disk format lives in luks_header.py, the sector cipher in
-sector_cipher.py; this file is the glue: key sources, open, requests.
+The on-disk format lives in header.py, the sector cipher in
+cipher.py; this file is the glue: key sources, open, requests.
 Neither the passphrase nor the master key is kept in options, shown,
 logged or put in a message; only the sector cipher holds the key.
 """
@@ -27,8 +27,8 @@ import numpy as np
 import trio
 
 from fusedisk.errors import NotSupported, OpenError
-from fusedisk.filters import luks_header as lh
-from fusedisk.filters.sector_cipher import (
+from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks.cipher import (
     SECTOR,
     Buffer,
     SectorCipher,
@@ -39,10 +39,10 @@ from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent, Status, merge_extents
 from fusedisk.graph.node import ChildSlot, Control, GraphOp, Node, Role
 from fusedisk.graph.options import Option, option_table
-from fusedisk.workers import WorkerPool
+from fusedisk.hostio.workers import WorkerPool
 
 #: Requests at least this large are encrypted in the node's worker pool
-#: (fusedisk/workers.py: batched, no thread start per request), beside the
+#: (fusedisk/hostio/workers.py: batched, no thread start per request), beside the
 #: event loop, which meanwhile serves other requests.  Measured on the shared
 #: 2-core VMs (docs/drivers/luks.md): 1 MiB requests through the mount gained
 #: ~15% on average at 4 in flight and were even at 1; in-process, one request

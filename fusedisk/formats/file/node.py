@@ -25,19 +25,19 @@ from typing import Any
 import trio
 
 from fusedisk.errors import NotSupported, OpenError
-from fusedisk.formats import uring
-from fusedisk.formats.hostfiles import open_host_file
-from fusedisk.formats.hostio import (
+from fusedisk.graph.extents import Extent, Status
+from fusedisk.graph.node import GraphOp, Node
+from fusedisk.graph.options import REQUIRED, Option, option_table
+from fusedisk.hostio import uring
+from fusedisk.hostio.files import open_host_file
+from fusedisk.hostio.host_file import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     HostFile,
     direct_io_alignment,
 )
-from fusedisk.formats.locking import ImageLock, lock_image
-from fusedisk.graph.extents import Extent, Status
-from fusedisk.graph.node import GraphOp, Node
-from fusedisk.graph.options import REQUIRED, Option, option_table
+from fusedisk.hostio.locking import ImageLock, lock_image
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
 

@@ -20,7 +20,7 @@ wait for a device goes through a `HostFile`:
   ftruncate, lseek walks) waits for them first.
 - **Slow path, off the loop**: reads, writes and fdatasync in the file's
   io_uring (uring.py: no thread at all) with `aio = "io_uring"`, or in a
-  worker pool (fusedisk/workers.py: a few threads fed by a queue, completions
+  worker pool (fusedisk/hostio/workers.py: a few threads fed by a queue, completions
   batched so trio is woken once per batch, never a thread hand-off per
   request); fallocate, ftruncate and lseek always in the pool.
 
@@ -41,9 +41,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fusedisk.formats.uring import Ring
-from fusedisk.formats.write_behind import WriteBehind
-from fusedisk.workers import WorkerPool
+from fusedisk.hostio.uring import Ring
+from fusedisk.hostio.workers import WorkerPool
+from fusedisk.hostio.write_behind import WriteBehind
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

@@ -21,11 +21,11 @@ import struct
 import trio
 
 from fusedisk.errors import FuseDiskError, to_errno
+from fusedisk.export.nbd import protocol as p
+from fusedisk.export.nbd.connection import ClientGone, Connection
+from fusedisk.export.nbd.handshake import BASE_ALLOCATION_ID, Session
 from fusedisk.graph.disk import is_zero
 from fusedisk.graph.extents import Status
-from fusedisk.nbd import protocol as p
-from fusedisk.nbd.connection import ClientGone, Connection
-from fusedisk.nbd.handshake import BASE_ALLOCATION_ID, Session
 
 log = logging.getLogger("fusedisk")
 

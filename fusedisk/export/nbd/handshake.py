@@ -14,9 +14,9 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fusedisk.export.nbd import protocol as p
+from fusedisk.export.nbd.connection import Connection
 from fusedisk.graph.disk import Disk
-from fusedisk.nbd import protocol as p
-from fusedisk.nbd.connection import Connection
 
 #: the context id we give base:allocation
 BASE_ALLOCATION_ID = 1

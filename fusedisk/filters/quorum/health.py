@@ -1,7 +1,7 @@
 """What a quorum node knows of its children's health, how it shows it, and
 the repair of a child that lost a vote.
 
-Kept apart from the node (filters/quorum.py), which only votes and fans
+Kept apart from the node (filters/quorum/node.py), which only votes and fans
 requests out: here are the per-child states and counters, the log lines
 (limited per child, so a child that goes bad cannot flood the log), the
 quorum-loss errors and the `status` control file rendered from all of it.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fusedisk.errors import IOFailure
-from fusedisk.filters.quorum_vote import VOTE_BLOCK, Range, Verdict
+from fusedisk.filters.quorum.vote import VOTE_BLOCK, Range, Verdict
 from fusedisk.graph.edge import Edge
 
 log = logging.getLogger("fusedisk")

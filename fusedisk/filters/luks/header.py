@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from fusedisk.errors import CorruptImage, OpenError
-from fusedisk.filters.sector_cipher import (
+from fusedisk.filters.luks.cipher import (
     SECTOR,
     CipherSpecError,
     make_sector_cipher,

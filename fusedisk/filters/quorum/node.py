@@ -48,9 +48,9 @@ from typing import Any
 import trio
 
 from fusedisk.errors import ControlError, OpenError
-from fusedisk.filters.quorum_children import QuorumChildren
-from fusedisk.filters.quorum_health import ChildState, QuorumHealth, describe_undecided
-from fusedisk.filters.quorum_vote import Verdict, vote, zero_majority
+from fusedisk.filters.quorum.children import QuorumChildren
+from fusedisk.filters.quorum.health import ChildState, QuorumHealth, describe_undecided
+from fusedisk.filters.quorum.vote import Verdict, vote, zero_majority
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSet, ChildSlot, Control, GraphOp, Node, NodeContext, Role

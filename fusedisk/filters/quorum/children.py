@@ -10,13 +10,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from fusedisk.errors import ControlError, IOFailure
-from fusedisk.filters.quorum_health import FAILED, RESYNCING, ChildState, describe_undecided
+from fusedisk.filters.quorum.health import FAILED, RESYNCING, ChildState, describe_undecided
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Status
 from fusedisk.graph.node import Node, Role
 
 if TYPE_CHECKING:
-    from fusedisk.filters.quorum import QuorumNode
+    from fusedisk.filters.quorum.node import QuorumNode
 
 log = logging.getLogger("fusedisk")
 
