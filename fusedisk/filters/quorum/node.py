@@ -37,7 +37,7 @@ only offers its ChildSet capability (a vote-and-repair step, a resync step,
 and attach / detach / promote / demote of a child); the graph's copy loop runs
 the steps chunk by chunk under this node's range lock, and the switch to a
 new child is a graph transaction under drain, recorded in the change log.
-Child states, counters and the `status` file are kept in quorum_health.py.
+Child states, counters and the `status` file are kept in health.py.
 """
 
 from __future__ import annotations

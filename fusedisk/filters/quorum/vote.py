@@ -5,7 +5,7 @@ aligned to the disk): each child's block is hashed with xxh3_128, the largest
 group wins if it has `threshold` members and no other group is as large; a
 block without such a winner is undecided (the node fails the read with EIO).
 Block status is voted alike: a piece reads as zeroes only where enough
-children say so.  What the node keeps of each child is in quorum_health.py.
+children say so.  What the node keeps of each child is in health.py.
 """
 
 from __future__ import annotations
