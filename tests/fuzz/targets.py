@@ -182,16 +182,17 @@ async def _serve_requests(data: bytes) -> list[str]:
     try:
         session = KernelSession(MountFilesystem(graph), sink)
         view = memoryview(session.buffer)
-        async with trio.open_nursery() as requests:
-            pos = 0
-            while pos + p.IN_HEADER.size <= len(data):  # requests, each led by its length
-                length = max(p.IN_HEADER.size, int.from_bytes(data[pos : pos + 4], "little"))
-                request = bytearray(data[pos : pos + min(length, 1 << 16)])
-                request[0:4] = len(request).to_bytes(4, "little")
-                session.buffer[: len(request)] = request
-                session._dispatch(view, len(request), requests)
-                pos += len(request)
-                await trio.lowlevel.checkpoint()
+        pos = 0
+        while pos + p.IN_HEADER.size <= len(data):  # requests, each led by its length
+            length = max(p.IN_HEADER.size, int.from_bytes(data[pos : pos + 4], "little"))
+            request = bytearray(data[pos : pos + min(length, 1 << 16)])
+            request[0:4] = len(request).to_bytes(4, "little")
+            session.buffer[: len(request)] = request
+            waiting = session._dispatch(view, len(request))
+            if waiting is not None:
+                await session.see_through(waiting)
+            pos += len(request)
+            await trio.lowlevel.checkpoint()
     finally:
         logging.getLogger("fusedisk").removeHandler(handler)
         os.close(sink)

@@ -152,3 +152,36 @@ def split_timeout(seconds: float) -> tuple[int, int]:
 def pack_dirent(ino: int, next_offset: int, name: bytes, dtype: int) -> bytes:
     record = DIRENT.pack(ino, next_offset, len(name), dtype) + name
     return record + b"\0" * (-len(record) % 8)
+
+
+class Args:
+    """A request's arguments as a transport received them: the per-opcode struct,
+    then the variable part (a LOOKUP's name, a WRITE's data).
+
+    /dev/fuse gives both in one buffer, the struct first; FUSE over io_uring puts
+    the struct in the entry's header (op_in) and the rest in its payload buffer,
+    which `rest` then is.
+    """
+
+    __slots__ = ("end", "rest", "start", "view")
+
+    def __init__(self, view: memoryview, start: int, end: int, rest: memoryview | None = None):
+        self.view = view
+        self.start = start
+        self.end = end
+        self.rest = rest
+
+    def struct(self, fmt: struct.Struct) -> tuple:
+        """The per-opcode struct, or RequestError if the request is too short."""
+        return unpack(fmt, self.view, self.start, self.end)
+
+    def after(self, size: int) -> memoryview:
+        """The bytes that follow a per-opcode struct of `size` bytes."""
+        if self.rest is not None:
+            return self.rest
+        return self.view[self.start + size : self.end]
+
+    def name(self) -> str:
+        """A NUL-terminated file name (LOOKUP, whose struct is empty)."""
+        rest = self.after(0)
+        return name_at(rest, 0, len(rest))

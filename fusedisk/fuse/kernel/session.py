@@ -1,12 +1,16 @@
 """Serving the FUSE protocol on a /dev/fuse descriptor, in trio, without libfuse.
 
-One reader drains the descriptor (several requests per wake-up), answers the
-requests that need no waiting (lookups, attributes, directories, opens) at
-once, and starts a task for each one that may wait (reads, writes, fsync,
-truncate, fallocate, lseek, control-file writes), so a request held by a
-throttle, a flush or a slow child never holds the others.  Replies are one
-writev each: a 16-byte header, then the payload; error replies are the header
-alone (a payload makes the kernel refuse them).
+One reader drains the descriptor (several requests per wake-up) and answers
+every request in the pass that read it when it can: lookups, attributes,
+directories and opens always, and a read or write whose first step completes
+without waiting (a page-cache hit, a write that write-behind queued) -- the
+reader runs the handler's coroutine one step itself ("eager start").  A request
+that does wait keeps the task that started it (trio binds what it waits on to
+that task), and a new reader task takes over the descriptor: a task is started
+only for a request that really waits, and a request held by a throttle, a flush
+or a slow child never holds the others.  Replies are one writev each: a 16-byte
+header, then the payload; error replies are the header alone (a payload makes
+the kernel refuse them).  ring.py serves the same handlers over io_uring.
 
 Robustness: a malformed or unknown request, a handler that raises, an
 interrupted request never end the mount; the client gets an errno (ENOSYS for
@@ -21,7 +25,8 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import trio
@@ -51,6 +56,44 @@ class ProtocolError(FuseDiskError):
     """The kernel and fusedisk could not agree on the protocol."""
 
 
+Reply = Coroutine[Any, Any, bytes]
+SyncHandler = Callable[[p.Args, int], bytes]
+AsyncHandler = Callable[[p.Args, int], Reply]
+
+
+class Waiting:
+    """A request whose handler suspended in its first step (run by a loop): the task
+    that ran that step must see it to its end, since what it waits on is bound to it."""
+
+    __slots__ = ("call", "nodeid", "opcode", "trap", "unique")
+
+    def __init__(self, unique: int, call: Reply, trap: Any, opcode: int, nodeid: int) -> None:
+        self.unique = unique
+        self.call = call
+        self.trap = trap
+        self.opcode = opcode
+        self.nodeid = nodeid
+
+
+@types.coroutine
+def resume(call: Reply, trap: Any) -> Generator[Any, Any, bytes]:
+    """Go on with a coroutine whose first step already ran and yielded `trap`: what
+    `await call` does, from its second step on (trio's traps pass through)."""
+    while True:
+        try:
+            sent = yield trap
+        except BaseException as e:
+            try:
+                trap = call.throw(e)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                trap = call.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
 class KernelSession:
     """One FUSE connection: INIT, then requests until the mount goes away."""
 
@@ -60,8 +103,14 @@ class KernelSession:
         self.minor = p.OUR_MINOR
         self.buffer = bytearray(MAX_WRITE + p.HEADROOM)
         self.requests = 0
+        #: requests answered in the loop pass that read them / that waited in a task
+        self.eager = 0
+        self.waited = 0
+        #: what the kernel's INIT offered besides what we asked (flags2 bits: FUSE over io_uring)
+        self.offered_flags2 = 0
         self._stop = trio.Event()
-        self._sync: dict[int, Callable[[memoryview, int, int, int], bytes]] = {
+        self._idle: set[trio.CancelScope] = set()  # loops waiting for work; stop() wakes them
+        self._sync: dict[int, SyncHandler] = {
             p.Op.LOOKUP: self._lookup,
             p.Op.GETATTR: self._getattr,
             p.Op.READLINK: self._readlink,
@@ -74,7 +123,7 @@ class KernelSession:
             p.Op.RELEASEDIR: self._empty,
             p.Op.DESTROY: self._destroy,
         }
-        self._async: dict[int, Callable[[memoryview, int, int, int], Awaitable[bytes]]] = {
+        self._async: dict[int, AsyncHandler] = {
             p.Op.READ: self._read,
             p.Op.WRITE: self._write,
             p.Op.SETATTR: self._setattr,
@@ -86,8 +135,12 @@ class KernelSession:
 
     # -- the loop ---------------------------------------------------------------------
 
-    def negotiate(self) -> None:
-        """Answer INIT, the first request, before any other (blocking read)."""
+    def negotiate(self, flags2: int = 0) -> int:
+        """Answer INIT, the first request, before any other (blocking read).
+
+        `flags2`: the INIT bits above 31 we would like (FUSE_OVER_IO_URING); returns
+        those the kernel offered too, which the reply then sets.
+        """
         view = memoryview(self.buffer)
         n = os.readv(self.fd, [self.buffer])
         opcode, unique, _, _, body = p.parse_header(view, n)
@@ -99,36 +152,63 @@ class KernelSession:
             raise ProtocolError(
                 f"the kernel speaks FUSE {major}.{minor}; fusedisk needs 7.{p.MIN_MINOR} or newer"
             )
+        if flags & p.INIT_EXT and body + p.INIT_IN.size + p.INIT_IN_FLAGS2.size <= n:
+            (self.offered_flags2,) = p.INIT_IN_FLAGS2.unpack_from(view, body + p.INIT_IN.size)
+        agreed = flags2 & self.offered_flags2 if flags & p.INIT_EXT else 0
         self.minor = min(minor, p.OUR_MINOR)
         out_flags = flags & (WANTED_FLAGS | p.INIT_EXT)
         if not flags & p.ASYNC_DIO:
             log.warning("the kernel offers no ASYNC_DIO: O_DIRECT requests will arrive one by one")
         reply = p.INIT_OUT.pack(
             p.KERNEL_MAJOR, self.minor, max_readahead, out_flags,
-            MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, 0,
+            MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, agreed,
         )  # fmt: skip
         self._reply(unique, reply)
         log.info("FUSE 7.%d negotiated (kernel 7.%d), max_write %d", self.minor, minor, MAX_WRITE)
+        return agreed
 
     def stop(self) -> None:
         """Stop reading requests; those in flight get STOP_GRACE seconds to finish."""
         self._stop.set()
+        for scope in self._idle:
+            scope.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     async def serve(self) -> None:
         """Serve until the mount goes away (ENODEV) or stop() is called."""
         os.set_blocking(self.fd, False)
         async with trio.open_nursery() as requests:
-            async with trio.open_nursery() as reader:
-                reader.start_soon(self._read_loop, requests, reader.cancel_scope)
-                await self._stop.wait()
-                reader.cancel_scope.cancel()
+            self._start_loops(requests)
+            await self._stop.wait()
             requests.cancel_scope.deadline = trio.current_time() + STOP_GRACE
+        log.info(
+            "FUSE session ended: %d requests, %d answered in the loop, %d waited in a task",
+            self.requests, self.eager, self.waited,
+        )  # fmt: skip
 
-    async def _read_loop(self, requests: trio.Nursery, done: trio.CancelScope) -> None:
+    def _start_loops(self, requests: trio.Nursery) -> None:
+        requests.start_soon(self._read_loop, requests)
+
+    async def wait_for_work(self, fd: int) -> None:
+        """Wait until `fd` is readable or the session stops (then return at once)."""
+        with trio.CancelScope() as scope:
+            self._idle.add(scope)
+            try:
+                if not self.stopping:
+                    await trio.lowlevel.wait_readable(fd)
+            finally:
+                self._idle.discard(scope)
+
+    async def _read_loop(self, requests: trio.Nursery) -> None:
         view = memoryview(self.buffer)
-        while True:
-            await trio.lowlevel.wait_readable(self.fd)
+        while not self.stopping:
+            await self.wait_for_work(self.fd)
             for _ in range(BATCH):
+                if self.stopping:
+                    return
                 try:
                     n = os.readv(self.fd, [self.buffer])
                 except BlockingIOError:
@@ -140,52 +220,71 @@ class KernelSession:
                         continue
                     if e.errno != errno.ENODEV:
                         log.error("reading /dev/fuse: %s", e)
-                    self._stop.set()
-                    done.cancel()
+                    self.stop()
                     return
                 if n == 0:  # end of file: the connection is gone
-                    self._stop.set()
-                    done.cancel()
+                    self.stop()
                     return
-                self.requests += 1
-                self._dispatch(view, n, requests)
+                waiting = self._dispatch(view, n)
+                if waiting is not None:
+                    requests.start_soon(self._read_loop, requests)  # a new reader reads on
+                    await self.see_through(waiting)
+                    return
             else:
                 await trio.lowlevel.checkpoint()  # a full batch: let the others run first
 
-    def _dispatch(self, view: memoryview, n: int, requests: trio.Nursery) -> None:
+    def _dispatch(self, view: memoryview, n: int) -> Waiting | None:
+        """Serve one request read from /dev/fuse; a Waiting if it must wait."""
+        self.requests += 1
         try:
             opcode, unique, nodeid, _uid, body = p.parse_header(view, n)
         except p.RequestError as e:
             log.error("malformed FUSE request ignored: %s", e)
-            return
+            return None
+        return self.handle(opcode, unique, nodeid, p.Args(view, body, n))
+
+    def handle(self, opcode: int, unique: int, nodeid: int, args: p.Args) -> Waiting | None:
+        """Answer a request now if it needs no waiting; else a Waiting for `see_through`.
+
+        Everything the handler needs from the request's buffer is taken before it
+        returns (the buffer is reused by the next read), waiting or not.
+        """
         handler = self._sync.get(opcode)
         if handler is not None:
             try:
-                self._reply(unique, handler(view, body, n, nodeid))
+                payload = handler(args, nodeid)
             except Exception as e:
                 self._reply_error(unique, log_failure(e, self._what(opcode, nodeid)))
-            return
+                return None
+            self._reply(unique, payload)
+            return None
         waiting = self._async.get(opcode)
         if waiting is not None:
-            # The body is parsed now: the buffer is reused by the next read.
             try:
-                call = waiting(view, body, n, nodeid)
+                call = waiting(args, nodeid)
+                trap = call.send(None)  # the first step, in this loop's task
+            except StopIteration as done:
+                self.eager += 1
+                self._reply(unique, done.value)
+                return None
             except Exception as e:
                 self._reply_error(unique, log_failure(e, self._what(opcode, nodeid)))
-                return
-            requests.start_soon(self._finish, unique, call, opcode, nodeid)
-            return
+                return None
+            self.waited += 1
+            return Waiting(unique, call, trap, opcode, nodeid)
         if opcode in (p.Op.FORGET, p.Op.BATCH_FORGET, p.Op.INTERRUPT):
-            return  # no reply: inode numbers live as long as the mount; see the module doc
+            return None  # no reply: inode numbers live as long as the mount; see the module doc
         self._reply_error(unique, errno.ENOSYS)
+        return None
 
-    async def _finish(self, unique: int, call: Awaitable[bytes], opcode: int, nodeid: int) -> None:
+    async def see_through(self, w: Waiting) -> None:
+        """Finish a request that waits, in the task that started it, and answer it."""
         try:
-            payload = await call
+            payload = await resume(w.call, w.trap)
         except Exception as e:
-            self._reply_error(unique, log_failure(e, self._what(opcode, nodeid)))
+            self._reply_error(w.unique, log_failure(e, self._what(w.opcode, w.nodeid)))
             return
-        self._reply(unique, payload)
+        self._reply(w.unique, payload)
 
     def _what(self, opcode: int, nodeid: int) -> str:
         try:
@@ -232,14 +331,14 @@ class KernelSession:
         sec, nsec = p.split_timeout(a.timeout)
         return p.ATTR_OUT.pack(sec, nsec, 0) + self._attr(a)
 
-    def _lookup(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
-        return self._entry_out(self.fs.lookup(nodeid, p.name_at(view, body, end)))
+    def _lookup(self, a: p.Args, nodeid: int) -> bytes:
+        return self._entry_out(self.fs.lookup(nodeid, a.name()))
 
-    def _getattr(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
+    def _getattr(self, a: p.Args, nodeid: int) -> bytes:
         return self._attr_out(self.fs.getattr(nodeid))
 
-    def _setattr(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
-        fields = p.unpack(p.SETATTR_IN, view, body, end)
+    def _setattr(self, a: p.Args, nodeid: int) -> Reply:
+        fields = a.struct(p.SETATTR_IN)
         valid, size = fields[0], fields[3]
         owner_or_mode = bool(valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID))
         new_size = size if valid & p.FATTR_SIZE else None
@@ -249,71 +348,72 @@ class KernelSession:
 
         return run()
 
-    def _readlink(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
+    def _readlink(self, a: p.Args, nodeid: int) -> bytes:
         return os.fsencode(self.fs.readlink(nodeid))
 
-    def _statfs(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
+    def _statfs(self, a: p.Args, nodeid: int) -> bytes:
         blocks = self.fs.total_blocks(4096)
         return p.STATFS_OUT.pack(blocks, 0, 0, 0, 0, 4096, 255, 4096, 0)
 
     # -- directories --------------------------------------------------------------------
 
-    def _opendir(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
+    def _opendir(self, a: p.Args, nodeid: int) -> bytes:
         self.fs.opendir(nodeid)
         return p.OPEN_OUT.pack(nodeid, 0, 0)
 
-    def _listing(self, view: memoryview, body: int, end: int, nodeid: int, plus: bool) -> bytes:
+    def _listing(self, a: p.Args, nodeid: int, plus: bool) -> bytes:
         """READDIR(PLUS): entries from the request's offset on, as many as its buffer holds;
         each entry's offset is the index of the next one."""
-        _fh, start, size, *_ = p.unpack(p.READ_IN, view, body, end)
+        _fh, start, size, *_ = a.struct(p.READ_IN)
         out = bytearray()
-        for index, (name, a) in enumerate(self.fs.readdir(nodeid, start), start + 1):
-            record = p.pack_dirent(a.ino, index, os.fsencode(name), stat.S_IFMT(a.mode) >> 12)
+        for index, (name, attrs) in enumerate(self.fs.readdir(nodeid, start), start + 1):
+            kind = stat.S_IFMT(attrs.mode) >> 12
+            record = p.pack_dirent(attrs.ino, index, os.fsencode(name), kind)
             if plus:
-                record = self._entry_out(a) + record
+                record = self._entry_out(attrs) + record
             if len(out) + len(record) > size:
                 break
             out += record
         return bytes(out)
 
-    def _readdir(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
-        return self._listing(view, body, end, nodeid, plus=False)
+    def _readdir(self, a: p.Args, nodeid: int) -> bytes:
+        return self._listing(a, nodeid, plus=False)
 
-    def _readdirplus(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
-        return self._listing(view, body, end, nodeid, plus=True)
+    def _readdirplus(self, a: p.Args, nodeid: int) -> bytes:
+        return self._listing(a, nodeid, plus=True)
 
     # -- files ------------------------------------------------------------------------
 
-    def _open(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
-        flags, _ = p.unpack(p.OPEN_IN, view, body, end)
+    def _open(self, a: p.Args, nodeid: int) -> bytes:
+        flags, _ = a.struct(p.OPEN_IN)
         opened = self.fs.open(nodeid, flags)
         open_flags = p.FOPEN_DIRECT_IO
         if opened.is_disk:
             open_flags |= p.FOPEN_PARALLEL_DIRECT_WRITES
         return p.OPEN_OUT.pack(opened.fh, open_flags, 0)
 
-    def _release(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
-        fh, *_ = p.unpack(p.RELEASE_IN, view, body, end)
+    def _release(self, a: p.Args, nodeid: int) -> bytes:
+        fh, *_ = a.struct(p.RELEASE_IN)
         self.fs.release(fh)
         return b""
 
-    def _empty(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
+    def _empty(self, a: p.Args, nodeid: int) -> bytes:
         return b""
 
-    def _destroy(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:
-        self._stop.set()
+    def _destroy(self, a: p.Args, nodeid: int) -> bytes:
+        self.stop()
         return b""
 
-    def _read(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
-        fh, offset, size, *_ = p.unpack(p.READ_IN, view, body, end)
+    def _read(self, a: p.Args, nodeid: int) -> Reply:
+        fh, offset, size, *_ = a.struct(p.READ_IN)
         return self.fs.read(fh, offset, size)
 
-    def _write(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
-        fh, offset, size, *_ = p.unpack(p.WRITE_IN, view, body, end)
-        start = body + p.WRITE_IN.size
-        if start + size > end:
-            raise p.RequestError(f"write of {size} bytes with {end - start} bytes of data")
-        data = bytes(view[start : start + size])
+    def _write(self, a: p.Args, nodeid: int) -> Reply:
+        fh, offset, size, *_ = a.struct(p.WRITE_IN)
+        rest = a.after(p.WRITE_IN.size)
+        if size > len(rest):
+            raise p.RequestError(f"write of {size} bytes with {len(rest)} bytes of data")
+        data = bytes(rest[:size])
 
         async def run() -> bytes:
             written = await self.fs.write(fh, offset, data)
@@ -321,20 +421,20 @@ class KernelSession:
 
         return run()
 
-    def _fsync(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
-        fh, *_ = p.unpack(p.FSYNC_IN, view, body, end)
+    def _fsync(self, a: p.Args, nodeid: int) -> Reply:
+        fh, *_ = a.struct(p.FSYNC_IN)
         return _then_empty(self.fs.fsync(fh))
 
-    def _flush(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
-        fh, *_ = p.unpack(p.FLUSH_IN, view, body, end)
+    def _flush(self, a: p.Args, nodeid: int) -> Reply:
+        fh, *_ = a.struct(p.FLUSH_IN)
         return _then_empty(self.fs.flush(fh))
 
-    def _fallocate(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
-        fh, offset, length, mode, _ = p.unpack(p.FALLOCATE_IN, view, body, end)
+    def _fallocate(self, a: p.Args, nodeid: int) -> Reply:
+        fh, offset, length, mode, _ = a.struct(p.FALLOCATE_IN)
         return _then_empty(self.fs.fallocate(fh, mode, offset, length))
 
-    def _lseek(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
-        fh, offset, whence, _ = p.unpack(p.LSEEK_IN, view, body, end)
+    def _lseek(self, a: p.Args, nodeid: int) -> Reply:
+        fh, offset, whence, _ = a.struct(p.LSEEK_IN)
 
         async def run() -> bytes:
             return p.LSEEK_OUT.pack(await self.fs.lseek(fh, offset, whence))
@@ -342,6 +442,6 @@ class KernelSession:
         return run()
 
 
-async def _then_empty(call: Awaitable[Any]) -> bytes:
+async def _then_empty(call: Coroutine[Any, Any, Any]) -> bytes:
     await call
     return b""
