@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -22,6 +23,18 @@ def _can_mount() -> str | None:
     if shutil.which("fusermount3") is None:
         return "fusermount3 is not installed"
     return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Turn FUSE over io_uring on (a module parameter, off by default), so that the
+    mount tests run on the ring as `--transport auto` then does; FUSEDISK_TEST_TRANSPORT
+    =kernel runs them on /dev/fuse."""
+    if os.geteuid() == 0:
+        from fusedisk.fuse.kernel.ring import PARAMETER
+
+        with contextlib.suppress(OSError):
+            if PARAMETER.read_text().strip() != "Y":
+                PARAMETER.write_text("Y\n")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

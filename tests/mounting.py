@@ -20,6 +20,10 @@ from pathlib import Path
 
 MOUNT_TIMEOUT = 20.0
 
+#: the transport every test mount uses unless the test names one: FUSEDISK_TEST_TRANSPORT
+#: (uring, kernel -- /dev/fuse --, auto or pyfuse3); conftest.py turns the ring on
+TRANSPORT = os.environ.get("FUSEDISK_TEST_TRANSPORT", "auto")
+
 
 class MountError(AssertionError):
     pass
@@ -42,6 +46,8 @@ class Mount:
         self.spec = Path(spec)
         self.mountpoint = Path(mountpoint)
         self.log_path = self.mountpoint.parent / f"{self.mountpoint.name}.log"
+        if "--transport" not in extra_args:
+            extra_args = ("--transport", TRANSPORT, *extra_args)
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 

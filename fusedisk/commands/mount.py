@@ -43,9 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--transport",
         choices=TRANSPORTS,
-        default="kernel",
-        help="kernel: fusedisk speaks the FUSE protocol itself (default; discard, holes); "
-        "pyfuse3: through libfuse",
+        default="auto",
+        help="uring: fusedisk speaks the FUSE protocol itself over io_uring (kernel 6.14+ "
+        "with fuse's enable_uring on); kernel: itself on /dev/fuse; auto (default): uring "
+        "when the kernel offers it, else kernel; pyfuse3: through libfuse",
     )
     p.add_argument(
         "--read-only", action="store_true", help="every disk read-only, every image opened so"

@@ -4,8 +4,11 @@ The order matters for durability: after the FUSE session ends (fusermount3 -u,
 umount, SIGTERM, SIGINT or SIGHUP), every disk is flushed and every node closed
 before the process exits, so what a writer saw written is on the host files.
 
-Two transports serve the same `MountFilesystem`: `kernel` (the default) speaks
-the FUSE protocol on /dev/fuse itself; `pyfuse3` goes through libfuse.
+Three transports serve the same `MountFilesystem`: `uring` speaks the FUSE
+protocol over io_uring (kernel 6.14+, when its `enable_uring` parameter is on),
+`kernel` on /dev/fuse, both ourselves; `pyfuse3` goes through libfuse.  `auto`
+(the default) takes the ring when the kernel offers it, else /dev/fuse, and
+logs why.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import trio
 from fusedisk.export.nbd.server import nbd_front
 from fusedisk.fuse.filesystem import MountFilesystem
 from fusedisk.fuse.kernel import mounting
-from fusedisk.fuse.kernel.session import KernelSession
+from fusedisk.fuse.kernel.ring import OVER_IO_URING, RingSession, unavailable
+from fusedisk.fuse.kernel.session import KernelSession, ProtocolError
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import Spec
 
 log = logging.getLogger("fusedisk")
 
-TRANSPORTS = ("kernel", "pyfuse3")
+TRANSPORTS = ("auto", "uring", "kernel", "pyfuse3")
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -60,6 +64,36 @@ async def stop_on_signals(stop: Callable[[], None]) -> None:
             return
 
 
+def _session(fs: MountFilesystem, fd: int, transport: str) -> KernelSession:
+    """INIT answered, and the ring armed if `transport` wants it and the kernel agrees."""
+    why = unavailable() if transport in ("auto", "uring") else "asked for /dev/fuse"
+    session: KernelSession
+    if why is None:
+        ring = RingSession(fs, fd)
+        try:
+            ring.prepare()
+        except OSError as e:
+            why = f"setting up the io_uring failed: {e.strerror}"
+        else:
+            if not ring.negotiate(OVER_IO_URING):
+                ring.close_ring()
+                why = "the kernel's INIT did not offer FUSE over io_uring"
+            else:
+                why = ring.register()
+            if why is None:
+                log.info("FUSE over io_uring: %d queues of %d entries", ring.queues, ring.depth)
+                return ring
+            session = ring  # INIT is answered: serve /dev/fuse on this session
+    else:
+        session = KernelSession(fs, fd)
+        session.negotiate()
+    if transport == "uring":
+        raise ProtocolError(f"--transport uring: {why}")
+    if transport == "auto":
+        log.info("serving /dev/fuse, not FUSE over io_uring: %s", why)
+    return session
+
+
 async def serve_kernel(
     fs: MountFilesystem,
     mountpoint: Path,
@@ -67,16 +101,18 @@ async def serve_kernel(
     allow_other: bool,
     ready: Callable[[], None],
     on_stop: Callable[[Callable[[], None]], Any],
+    transport: str = "auto",
 ) -> None:
-    """Mount through mount(2) or fusermount3 and serve /dev/fuse ourselves."""
+    """Mount through mount(2) or fusermount3 and serve the connection ourselves."""
     kmount = mounting.mount(mountpoint, fsname, "fusedisk", allow_other)
     device = mounting.mounted_device(mountpoint)
+    session: KernelSession | None = None
     try:
-        session = KernelSession(fs, kmount.fd)
-        session.negotiate()
+        session = _session(fs, kmount.fd, transport)
         ready()
 
         def stop() -> None:
+            assert session is not None
             session.stop()
             kmount.unmount()
 
@@ -87,6 +123,8 @@ async def serve_kernel(
     finally:
         if device is not None and mounting.mounted_device(mountpoint) == device:
             kmount.unmount()
+        if isinstance(session, RingSession):
+            session.close_ring()
         kmount.close()
 
 
@@ -95,7 +133,7 @@ async def serve(
     mountpoint: Path,
     allow_other: bool = False,
     ready: Callable[[], None] = lambda: None,
-    transport: str = "kernel",
+    transport: str = "auto",
     nbd: str | None = None,
 ) -> None:
     """Open `spec`'s graph and serve it at `mountpoint` until unmounted."""
@@ -117,7 +155,7 @@ async def serve(
 
             await serve_pyfuse3(fs, mountpoint, fsname, allow_other, mounted, on_stop)
         else:
-            await serve_kernel(fs, mountpoint, fsname, allow_other, mounted, on_stop)
+            await serve_kernel(fs, mountpoint, fsname, allow_other, mounted, on_stop, transport)
     finally:
         await graph.close()
         log.info("unmounted %s; all disks flushed and closed", mountpoint)

@@ -211,6 +211,88 @@ def fuse_requests(data: bytes) -> None:
         raise AssertionError(f"an exception escaped a FUSE handler: {seen[0]}")
 
 
+class _CommitCounter:
+    """Stands in for the io_uring of a RingSession: counts the COMMIT_AND_FETCHes."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.enters = 0
+        self.commits: list[int] = []
+
+    def push(self, *args: object, **kwargs: object) -> None:
+        self.commits.append(int(args[6]))  # type: ignore[call-overload]
+        self.pending += 1
+
+    def submit(self, wait: int = 0) -> int:
+        done, self.pending = self.pending, 0
+        return done
+
+
+#: the per-opcode struct the kernel puts in op_in (the rest goes to the payload buffer)
+_OP_IN_SIZES = {3: 16, 4: 88, 14: 8, 15: 40, 16: 40, 18: 24, 20: 16, 25: 24, 28: 40,
+                29: 24, 43: 32, 44: 40, 46: 24}  # fmt: skip
+
+
+async def _serve_ring_requests(data: bytes) -> list[str]:
+    from fusedisk.fuse.filesystem import MountFilesystem
+    from fusedisk.fuse.kernel import protocol as p
+    from fusedisk.fuse.kernel import ring as r
+
+    graph = await Graph.open(parse_spec(FUSE_SPEC, _FOLDER / "spec.toml"))
+    sink = os.open(os.devnull, os.O_WRONLY)
+    handler = _Unexpected()
+    logging.getLogger("fusedisk").addHandler(handler)
+    try:
+        session = r.RingSession(MountFilesystem(graph), sink, depth=1)
+        session.entries = 1
+        session.hview = memoryview(bytearray(r.HEADER_STRIDE))
+        session.pview = memoryview(bytearray(r.PAYLOAD))
+        ring = _CommitCounter()
+        session.ring = ring  # type: ignore[assignment]
+        pos = served = 0
+        while pos + p.IN_HEADER.size <= len(data):  # requests, each led by its length
+            length = max(p.IN_HEADER.size, int.from_bytes(data[pos : pos + 4], "little"))
+            request = data[pos : pos + min(length, 1 << 16)]
+            pos += len(request)
+            head, body = request[: p.IN_HEADER.size], request[p.IN_HEADER.size :]
+            opcode, unique = int.from_bytes(head[4:8], "little"), head[8:16]
+            split = _OP_IN_SIZES.get(opcode, min(len(body), 128))
+            op_in, payload = body[:split], body[split:]
+            # the header's last two bytes, when set, claim a payload size (maybe a lie)
+            claimed = int.from_bytes(head[38:40], "little")
+            size = claimed << 5 if claimed else len(payload)
+            commit_id = unique if not head[37] & 1 else bytes(8)
+            session.hview[:] = bytes(r.HEADER_STRIDE)
+            session.hview[: len(head)] = head
+            session.hview[r.OP_IN_AT : r.OP_IN_AT + len(op_in)] = op_in
+            session.hview[r.ENT_AT + 8 : r.ENT_AT + 20] = commit_id + size.to_bytes(4, "little")
+            session.pview[: len(payload)] = payload
+            served += 1
+            waiting = session._completed(r.ENTRY_TAG, 0)
+            if waiting is not None:
+                await session.see_through(waiting)
+            await trio.lowlevel.checkpoint()
+            if len(ring.commits) != served:
+                return [f"request {served} (opcode {opcode}) got {len(ring.commits)} commits"]
+    finally:
+        logging.getLogger("fusedisk").removeHandler(handler)
+        os.close(sink)
+        await graph.close(flush=False)
+    return handler.seen
+
+
+def fuse_ring_requests(data: bytes) -> None:
+    """The same requests as `fuse`, laid out as FUSE over io_uring delivers them (header,
+    per-opcode struct, payload buffer, the entry's commit id and payload size, sometimes
+    false): nothing may escape a handler, and every request re-arms its entry once."""
+    if not (_FOLDER / "fuse.img").exists():
+        with open(_FOLDER / "fuse.img", "wb") as f:
+            f.truncate(1 << 20)
+    seen = trio.run(_serve_ring_requests, data)
+    if seen:
+        raise AssertionError(f"the ring transport failed a request: {seen[0]}")
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "qcow2": qcow2_image,
     "qcow2-rw": qcow2_image_written,
@@ -218,4 +300,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "luks": luks_header,
     "spec": spec_file,
     "fuse": fuse_requests,
+    "fuse-ring": fuse_ring_requests,
 }

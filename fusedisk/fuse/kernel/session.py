@@ -184,10 +184,13 @@ class KernelSession:
             self._start_loops(requests)
             await self._stop.wait()
             requests.cancel_scope.deadline = trio.current_time() + STOP_GRACE
-        log.info(
-            "FUSE session ended: %d requests, %d answered in the loop, %d waited in a task",
-            self.requests, self.eager, self.waited,
-        )  # fmt: skip
+        log.info("FUSE session ended: %s", self.summary())
+
+    def summary(self) -> str:
+        return (
+            f"{self.requests} requests, {self.eager} answered in the loop, "
+            f"{self.waited} waited in a task"
+        )
 
     def _start_loops(self, requests: trio.Nursery) -> None:
         requests.start_soon(self._read_loop, requests)
