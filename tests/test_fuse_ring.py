@@ -83,7 +83,7 @@ def test_a_page_cache_hit_needs_no_task(tmp_path, write_spec, mount, args) -> No
     finally:
         os.close(fd)
     m.stop()
-    requests, eager, waited = served(m.log)
+    _requests, eager, waited = served(m.log)
     assert eager >= 200 and waited <= 1, m.log  # the one: close's flush of a writer
 
 
