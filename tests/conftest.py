@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -30,11 +29,9 @@ def pytest_configure(config: pytest.Config) -> None:
     mount tests run on the ring as `--transport auto` then does; FUSEDISK_TEST_TRANSPORT
     =kernel runs them on /dev/fuse."""
     if os.geteuid() == 0:
-        from fusedisk.fuse.kernel.ring import PARAMETER
+        from fusedisk.fuse.kernel.ring import turn_on
 
-        with contextlib.suppress(OSError):
-            if PARAMETER.read_text().strip() != "Y":
-                PARAMETER.write_text("Y\n")
+        turn_on()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

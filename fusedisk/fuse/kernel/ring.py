@@ -114,6 +114,15 @@ def unavailable() -> str | None:
     return uring_core.available()
 
 
+def turn_on() -> bool:
+    """Switch the kernel's FUSE over io_uring on (root only; what the demo does, and
+    what docs/mount.md says how to make lasting).  True if it is on afterwards."""
+    with contextlib.suppress(OSError):
+        if PARAMETER.read_text().strip() not in ("Y", "1"):
+            PARAMETER.write_text("Y\n")
+    return unavailable() is None
+
+
 def _address(buf: Any) -> tuple[int, Any]:
     anchor = ctypes.c_char.from_buffer(buf)
     return ctypes.addressof(anchor), anchor
