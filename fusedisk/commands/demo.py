@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from fusedisk.commands import mount as mount_command
-from fusedisk.fuse.kernel import ring
 from fusedisk.errors import SpecError
 from fusedisk.formats.qcow2.create import create_qcow2
+from fusedisk.fuse.kernel import ring
 from fusedisk.hostio.files import write_new_file
 
 DEMO_SPEC = """\
