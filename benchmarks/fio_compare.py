@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fusedisk.fuse.kernel import ring  # noqa: E402
 from fusedisk.graph.options import parse_size  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 
@@ -187,6 +188,14 @@ def fusedisk_mount(
         yield path
 
 
+def fusedisk_uring(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
+    return fusedisk_mount(image, fmt, work, ("--transport", "uring"))
+
+
+def fusedisk_dev_fuse(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
+    return fusedisk_mount(image, fmt, work, ("--transport", "kernel"))
+
+
 def fusedisk_pyfuse3(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
     return fusedisk_mount(image, fmt, work, ("--transport", "pyfuse3"))
 
@@ -252,7 +261,9 @@ def qsd_export(image: Path, fmt: str, work: Path, direct: bool = False) -> Itera
 TARGETS: dict[str, Callable[[Path, str, Path], AbstractContextManager[Path]]] = {
     "host file": host_file,
     "qemu-storage-daemon": qsd_export,
-    "fusedisk": fusedisk_mount,
+    "fusedisk": fusedisk_mount,  # --transport auto: the ring when the kernel has it
+    "fusedisk uring": fusedisk_uring,
+    "fusedisk /dev/fuse": fusedisk_dev_fuse,
     "fusedisk-pyfuse3": fusedisk_pyfuse3,
     # both servers with O_DIRECT on the image (QEMU's cache.direct=on, cache=none)
     "qemu-storage-daemon cache.direct": qsd_direct,
@@ -328,6 +339,7 @@ def main() -> int:
     args = parser.parse_args()
     if not shutil.which("fio"):
         raise SystemExit("fio is not installed")
+    ring.turn_on()  # `fusedisk` (auto) then serves over io_uring where the kernel has it
     size = parse_size(args.size)
     jobs = args.jobs.split(",")
     targets = [t for t in args.targets.split(",") if args.format == "raw" or t != "host file"]
