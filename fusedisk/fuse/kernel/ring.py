@@ -50,7 +50,8 @@ import trio
 
 from fusedisk.fuse.filesystem import MountFilesystem
 from fusedisk.fuse.kernel import protocol as p
-from fusedisk.fuse.kernel.session import MAX_WRITE, KernelSession, Waiting
+from fusedisk.fuse.kernel.eager import Waiting
+from fusedisk.fuse.kernel.session import MAX_WRITE, KernelSession
 from fusedisk.hostio import uring_core
 from fusedisk.hostio.uring_core import OP_URING_CMD, SETUP_SQE128, RawRing
 

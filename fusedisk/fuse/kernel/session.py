@@ -25,8 +25,7 @@ import errno
 import logging
 import os
 import stat
-import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import trio
@@ -34,6 +33,7 @@ import trio
 from fusedisk.errors import FuseDiskError
 from fusedisk.fuse.filesystem import Attributes, FsError, MountFilesystem, log_failure
 from fusedisk.fuse.kernel import protocol as p
+from fusedisk.fuse.kernel.eager import Reply, Waiting, resume
 
 log = logging.getLogger("fusedisk")
 
@@ -56,42 +56,8 @@ class ProtocolError(FuseDiskError):
     """The kernel and fusedisk could not agree on the protocol."""
 
 
-Reply = Coroutine[Any, Any, bytes]
 SyncHandler = Callable[[p.Args, int], bytes]
 AsyncHandler = Callable[[p.Args, int], Reply]
-
-
-class Waiting:
-    """A request whose handler suspended in its first step (run by a loop): the task
-    that ran that step must see it to its end, since what it waits on is bound to it."""
-
-    __slots__ = ("call", "nodeid", "opcode", "trap", "unique")
-
-    def __init__(self, unique: int, call: Reply, trap: Any, opcode: int, nodeid: int) -> None:
-        self.unique = unique
-        self.call = call
-        self.trap = trap
-        self.opcode = opcode
-        self.nodeid = nodeid
-
-
-@types.coroutine
-def resume(call: Reply, trap: Any) -> Generator[Any, Any, bytes]:
-    """Go on with a coroutine whose first step already ran and yielded `trap`: what
-    `await call` does, from its second step on (trio's traps pass through)."""
-    while True:
-        try:
-            sent = yield trap
-        except BaseException as e:
-            try:
-                trap = call.throw(e)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                trap = call.send(sent)
-            except StopIteration as done:
-                return done.value
 
 
 class KernelSession:
