@@ -156,14 +156,16 @@ class RawRing:
         _U32.pack_into(self._sq, self._sq_tail_at, self._tail)
         self._unsubmitted += 1
 
-    def submit(self, wait: int = 0) -> int:
+    def submit(self, wait: int = 0, getevents: bool = False) -> int:
         """Hand every pushed entry to the kernel in one io_uring_enter; with `wait`,
-        block until that many completions are there.  Returns the count submitted."""
+        block until that many completions are there; `getevents` also moves
+        completions the kernel held back (a full completion queue) into the queue.
+        Returns the count submitted."""
         n = self._unsubmitted
-        if n == 0 and wait == 0:
+        if n == 0 and wait == 0 and not getevents:
             return 0
         self.enters += 1
-        flags = ENTER_GETEVENTS if wait else 0
+        flags = ENTER_GETEVENTS if wait or getevents else 0
         done = syscall(SYS_ENTER, self.fd, n, wait, flags, None, 0)
         self._unsubmitted -= done
         return done

@@ -72,6 +72,8 @@ CMD_REQ = struct.Struct("<QQH70x")  # flags commit_id qid, in the SQE's 80-byte 
 PAYLOAD = MAX_WRITE
 #: user_data of a FUSE entry's command (others are free for host I/O in the same ring)
 ENTRY_TAG = 1 << 62
+#: how often an idle loop looks at the ring without a wake-up (a lost one costs no more)
+SWEEP = 1.0
 #: completions that mean the connection is gone
 GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV)
 
@@ -214,11 +216,13 @@ class RingSession(KernelSession):
         ring = self.ring
         while ring is not None and not self.stopping:
             if not self._backlog:
-                await self.wait_for_work(ring.efd)
+                woken = await self.wait_for_work(ring.efd, SWEEP)
                 if self.stopping:
                     return
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(ring.efd)
+                if not woken:
+                    self._sweep()
                 self._backlog.extend(ring.reap())
             waiting = self._pass()
             if waiting is not None:
@@ -314,13 +318,24 @@ class RingSession(KernelSession):
             self._submit()  # a request that waited: its reply goes now
 
     def _submit(self) -> None:
+        """Hand every queued commit to the kernel (it may take fewer than asked at once)."""
         ring = self.ring
-        if ring is None or not ring.pending:
+        while ring is not None and ring.pending:
+            try:
+                if ring.submit() == 0:
+                    return  # nothing taken: the next pass or sweep tries again
+            except OSError as e:
+                log.error("FUSE over io_uring: io_uring_enter: %s", e.strerror)
+                return
+
+    def _sweep(self) -> None:
+        """An idle second: submit what is still queued and let the kernel post any
+        completion it held back, so no lost wake-up can strand a request."""
+        ring = self.ring
+        if ring is None:
             return
-        try:
-            ring.submit()
-        except OSError as e:
-            log.error("FUSE over io_uring: io_uring_enter: %s", e.strerror)
+        with contextlib.suppress(OSError):
+            ring.submit(getevents=True)
 
     def summary(self) -> str:
         enters = self.ring.enters if self.ring is not None else self._enters

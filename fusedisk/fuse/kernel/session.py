@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat
 from collections.abc import Callable, Coroutine
@@ -161,15 +162,17 @@ class KernelSession:
     def _start_loops(self, requests: trio.Nursery) -> None:
         requests.start_soon(self._read_loop, requests)
 
-    async def wait_for_work(self, fd: int) -> None:
-        """Wait until `fd` is readable or the session stops (then return at once)."""
-        with trio.CancelScope() as scope:
+    async def wait_for_work(self, fd: int, timeout: float = math.inf) -> bool:
+        """Wait until `fd` is readable (True), the session stops or `timeout` passes."""
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             self._idle.add(scope)
             try:
                 if not self.stopping:
                     await trio.lowlevel.wait_readable(fd)
+                    return True
             finally:
                 self._idle.discard(scope)
+        return False
 
     async def _read_loop(self, requests: trio.Nursery) -> None:
         view = memoryview(self.buffer)
