@@ -334,8 +334,14 @@ class RingSession(KernelSession):
         ring = self.ring
         if ring is None:
             return
+        queued = ring.pending
         with contextlib.suppress(OSError):
             ring.submit(getevents=True)
+        if queued or ring.ready():
+            log.warning(
+                "FUSE over io_uring: the idle sweep found %d queued replies%s (no wake-up)",
+                queued, " and completions" if ring.ready() else "",
+            )  # fmt: skip
 
     def summary(self) -> str:
         enters = self.ring.enters if self.ring is not None else self._enters
