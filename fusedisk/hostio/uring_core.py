@@ -123,6 +123,7 @@ class RawRing:
         self._cq_head_at, self._cq_tail_at, self._cqes_at = cq.head, cq.tail, cq.cqes
         self._cq_mask = _U32.unpack_from(self._cq, cq.ring_mask)[0]
         self._tail = _U32.unpack_from(self._sq, sq.tail)[0]
+        self._head = _U32.unpack_from(self._sq, sq.head)[0]  # the kernel's, when last read
 
     def register_eventfd(self) -> int:
         """An eventfd the kernel signals at each completion (what a loop waits on)."""
@@ -141,10 +142,11 @@ class RawRing:
         user_data: int, cmd: bytes = b"",
     ) -> None:  # fmt: skip
         """Fill the next submission entry (`cmd`: a URING_CMD's 80 bytes, SQE128 only)."""
-        head = _U32.unpack_from(self._sq, self._sq_head_at)[0]
         tail = self._tail
-        if (tail - head) & 0xFFFFFFFF >= self.entries:
-            raise RingFull(f"io_uring submission queue full ({self.entries} entries)")
+        if (tail - self._head) & 0xFFFFFFFF >= self.entries:  # full when we last looked
+            self._head = _U32.unpack_from(self._sq, self._sq_head_at)[0]
+            if (tail - self._head) & 0xFFFFFFFF >= self.entries:
+                raise RingFull(f"io_uring submission queue full ({self.entries} entries)")
         index = tail & self._sq_mask
         fields = (opcode, 0, 0, fd, offset, addr, length, op_flags, user_data, 0, 0, 0)
         if self._sqe is _SQE128:

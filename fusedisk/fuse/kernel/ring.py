@@ -29,8 +29,9 @@ How (the kernel's Documentation/filesystems/fuse/fuse-io-uring.rst):
   cancels what is left.  Buffers the kernel may still write are kept for the
   life of the process.
 
-The ring's completion eventfd is the loop's only wake-up (registered with
-epoll once); trio runs the requests that wait, as on /dev/fuse.
+The ring's own descriptor (readable while completions wait) is the loop's
+only wake-up: no eventfd to signal and read per wake-up.  trio runs the
+requests that wait, as on /dev/fuse.
 """
 
 from __future__ import annotations
@@ -153,13 +154,7 @@ class RingSession(KernelSession):
         """The ring and its buffers, before INIT is answered (raises OSError): once the
         reply agrees on the ring, the kernel holds every request until it is armed."""
         entries = 1 << max(6, (self.entries * 2 - 1).bit_length())
-        ring = RawRing(entries, SETUP_SQE128)
-        try:
-            ring.register_eventfd()
-        except BaseException:
-            ring.close()
-            raise
-        self.ring = ring
+        self.ring = RawRing(entries, SETUP_SQE128)
         self.headers = mmap.mmap(-1, self.entries * HEADER_STRIDE)
         self.payloads = mmap.mmap(-1, self.entries * PAYLOAD)  # untouched pages cost nothing
         self.hview = memoryview(self.headers)
@@ -198,8 +193,7 @@ class RingSession(KernelSession):
         ring, self.ring = self.ring, None
         if ring is None:
             return
-        if ring.efd >= 0:
-            trio.lowlevel.notify_closing(ring.efd)
+        trio.lowlevel.notify_closing(ring.fd)
         self._enters = ring.enters
         ring.close()
         _RETIRED.append((self.headers, self.payloads, self.hview, self.pview, self._anchors))
@@ -216,11 +210,9 @@ class RingSession(KernelSession):
         ring = self.ring
         while ring is not None and not self.stopping:
             if not self._backlog:
-                woken = await self.wait_for_work(ring.efd, SWEEP)
+                woken = await self.wait_for_work(ring.fd, SWEEP)  # readable: completions
                 if self.stopping:
                     return
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(ring.efd)
                 if not woken:
                     self._sweep()
                 self._backlog.extend(ring.reap())
