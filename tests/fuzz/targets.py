@@ -219,8 +219,8 @@ class _CommitCounter:
         self.enters = 0
         self.commits: list[int] = []
 
-    def push(self, *args: object, **kwargs: object) -> None:
-        self.commits.append(int(args[6]))  # type: ignore[call-overload]
+    def push_encoded(self, sqe: bytes, patch_at: int = 0, value: int = 0) -> None:
+        self.commits.append(value)
         self.pending += 1
 
     def submit(self, wait: int = 0) -> int:
@@ -247,6 +247,7 @@ async def _serve_ring_requests(data: bytes) -> list[str]:
         session.entries = 1
         session.hview = memoryview(bytearray(r.HEADER_STRIDE))
         session.pview = memoryview(bytearray(r.PAYLOAD))
+        session._commit_sqe = [b""]
         ring = _CommitCounter()
         session.ring = ring  # type: ignore[assignment]
         pos = served = 0
