@@ -41,6 +41,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from fusedisk.hostio import uring
 from fusedisk.hostio.uring import Ring
 from fusedisk.hostio.workers import WorkerPool
 from fusedisk.hostio.write_behind import WriteBehind
@@ -283,6 +284,7 @@ class HostFile:
         self.behind = None if direct else WriteBehind(fd, name, pwrite_full, where=where)
         self.inline_reads = 0
         self.inline_writes = 0
+        self.shared_ring_ops = 0  # operations that went to the FUSE ring (uring.share)
 
     def close(self) -> None:
         """Stop taking requests.  Queued writes still land (the writer has its own fd);
@@ -308,7 +310,7 @@ class HostFile:
                 return data
             # EAGAIN, part of it cached, or the end of the file: the slow path does it all.
         if self.ring is not None:
-            return await self._ring_read(self.ring, offset, length)
+            return await self._ring_read(self._engine(self.ring), offset, length)
         return await self.pool.run(self._pread, self.fd, length, offset, abandon_on_cancel=True)
 
     def _read_cached(self, offset: int, length: int) -> bytes | None:
@@ -355,18 +357,25 @@ class HostFile:
         if self.behind is not None:
             await self.behind.write(offset, data)
         elif self.ring is not None:
-            await self._ring_write(self.ring, offset, data)
+            await self._ring_write(self._engine(self.ring), offset, data)
         else:
             await self.pool.run(self._pwrite, self.fd, data, offset)
 
     async def fdatasync(self) -> None:
         await self.drain()
         if self.ring is not None:
-            await self.ring.fdatasync(self.fd)
+            await self._engine(self.ring).fdatasync(self.fd)
             return
         await self.pool.run(os.fdatasync, self.fd)
 
     # -- io_uring (aio = "io_uring") ------------------------------------------------------
+
+    def _engine(self, own: Ring) -> Ring:
+        """This file's ring, or the FUSE ring while a mount serves over io_uring."""
+        ring = uring.shared(own)
+        if ring is not own:
+            self.shared_ring_ops += 1
+        return ring
 
     def _aligned(self, size: int) -> mmap.mmap:
         """A page-aligned buffer of at least `size` bytes; 1 MiB ones are reused."""
@@ -436,7 +445,11 @@ class HostFile:
                 else {}
             ),
             **(
-                {"uring_submitted": self.ring.submitted, "uring_wakeups": self.ring.wakeups}
+                {
+                    "uring_submitted": self.ring.submitted + self.shared_ring_ops,
+                    "uring_in_fuse_ring": self.shared_ring_ops,
+                    "uring_wakeups": self.ring.wakeups,
+                }
                 if self.ring is not None
                 else {}
             ),

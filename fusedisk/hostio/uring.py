@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from typing import Any
 
 import outcome
@@ -43,7 +44,23 @@ from fusedisk.hostio.uring_core import (
     available,
 )
 
-__all__ = ["Ring", "available"]
+__all__ = ["Ring", "available", "share", "shared"]
+
+#: the FUSE ring's host-I/O side while a mount serves over io_uring (see `share`)
+_shared: Ring | None = None
+
+
+def share(ring: Ring | None) -> None:
+    """Let every file whose engine is io_uring put its host I/O in `ring` (the FUSE
+    ring of the mount being served): its completions then arrive in the same loop
+    pass as the requests, with no reaper task of their own.  None: back to their own."""
+    global _shared
+    _shared = ring
+
+
+def shared(own: Ring) -> Ring:
+    """The ring a file's operation goes to: the shared one while there is one."""
+    return _shared if _shared is not None else own
 
 
 def _address(buf: Any) -> tuple[int, Any]:
@@ -74,29 +91,48 @@ class _Request:
 
 
 class Ring:
-    """One io_uring instance and its completion reaper (a trio system task)."""
+    """One io_uring instance and its completion reaper (a trio system task).
 
-    def __init__(self, entries: int = 64) -> None:
-        self.raw = RawRing(entries)
-        try:
-            self.efd = self.raw.register_eventfd()
-        except BaseException:
-            self.raw.close()
-            raise
+    Or, made by `Ring.within`, host I/O in another loop's ring (the FUSE ring): that
+    loop reaps the completions and hands ours to `complete`, and `submit` is its
+    way to send what we pushed (at the end of its pass, or at once).
+    """
+
+    def __init__(
+        self, entries: int = 64, raw: RawRing | None = None,
+        submit: Callable[[], Any] | None = None,
+    ) -> None:  # fmt: skip
+        self.shared = raw is not None
+        self._shared_closed = False
+        self.raw = raw if raw is not None else RawRing(entries)
+        self._go: Callable[[], Any] = submit or self.raw.submit
+        self.efd = -1
+        if not self.shared:
+            try:
+                self.efd = self.raw.register_eventfd()
+            except BaseException:
+                self.raw.close()
+                raise
         self._waiting: dict[int, _Request] = {}
         # never more in flight than the rings hold; a counter, not a trio.Semaphore,
         # whose acquire costs a pass of the scheduler per request even when free
-        self._entries = self.raw.entries
+        self._entries = entries if self.shared else self.raw.entries
         self._room = trio.lowlevel.ParkingLot()
         self._next = 0
         self._closed = trio.CancelScope()
-        trio.lowlevel.spawn_system_task(self._reap, name="io_uring reaper")
+        if not self.shared:
+            trio.lowlevel.spawn_system_task(self._reap, name="io_uring reaper")
         self.submitted = 0
         self.wakeups = 0
 
+    @classmethod
+    def within(cls, raw: RawRing, submit: Callable[[], Any], limit: int) -> Ring:
+        """Host I/O in `raw`, another loop's ring, at most `limit` operations at once."""
+        return cls(limit, raw, submit)
+
     @property
     def fd(self) -> int:
-        return self.raw.fd
+        return -1 if self._shared_closed else self.raw.fd
 
     async def _reap(self) -> None:
         with self._closed, contextlib.suppress(trio.ClosedResourceError):
@@ -109,9 +145,13 @@ class Ring:
     def _complete(self) -> None:
         self.wakeups += 1
         for user_data, res in self.raw.reap():
-            request = self._waiting.pop(user_data, None)
-            if request is not None and request.task is not None:
-                trio.lowlevel.reschedule(request.task, outcome.Value(res))
+            self.complete(user_data, res)
+
+    def complete(self, user_data: int, res: int) -> None:
+        """One of our operations finished (called by whoever reaps the ring)."""
+        request = self._waiting.pop(user_data, None)
+        if request is not None and request.task is not None:
+            trio.lowlevel.reschedule(request.task, outcome.Value(res))
         if self._room:  # room freed, abandoned reads included: waiters look again
             self._room.unpark_all()
 
@@ -136,7 +176,7 @@ class Ring:
         request = _Request(trio.lowlevel.current_task(), keep, abandon)
         self._waiting[user_data] = request
         try:
-            self.raw.submit()
+            self._go()
         except BaseException:
             del self._waiting[user_data]
             raise
@@ -169,12 +209,23 @@ class Ring:
 
         Reads abandoned by cancelled callers may still be in flight (on a hung
         device, for ever): the kernel finishes or cancels them after the ring is
-        closed, so their buffers are kept alive for the life of the process.
+        closed, so their buffers are kept alive for the life of the process.  In a
+        shared ring (its owner closes it) the operations still waiting fail with
+        ECANCELED: no completion will come for them.
         """
         if self.fd < 0:
             return
-        if self._waiting:
-            _IN_FLIGHT_AT_CLOSE.append(self._waiting)
+        waiting, self._waiting = self._waiting, {}
+        if waiting:
+            _IN_FLIGHT_AT_CLOSE.append(waiting)
+        if self.shared:
+            self._shared_closed = True
+            for request in waiting.values():
+                if request.task is not None:
+                    error = OSError(errno.ECANCELED, "the io_uring it was in closed")
+                    trio.lowlevel.reschedule(request.task, outcome.Error(error))
+                    request.task = None
+            return
         self._closed.cancel()
         trio.lowlevel.notify_closing(self.efd)
         self.raw.close()

@@ -53,7 +53,7 @@ from fusedisk.fuse.filesystem import MountFilesystem
 from fusedisk.fuse.kernel import protocol as p
 from fusedisk.fuse.kernel.eager import Waiting
 from fusedisk.fuse.kernel.session import MAX_WRITE, KernelSession
-from fusedisk.hostio import uring_core
+from fusedisk.hostio import uring, uring_core
 from fusedisk.hostio.uring_core import OP_URING_CMD, SETUP_SQE128, RawRing
 
 log = logging.getLogger("fusedisk")
@@ -77,6 +77,8 @@ PAYLOAD = MAX_WRITE
 ENTRY_TAG = 1 << 62
 #: loop passes served back to back before the loop lets other trio tasks run
 PASSES_PER_TURN = 16
+#: host operations (cold reads, O_DIRECT writes, fdatasync) in the ring at once
+HOST_OPS = 64
 #: how often an idle loop looks at the ring without a wake-up (a lost one costs no more)
 SWEEP = 1.0
 #: completions that mean the connection is gone
@@ -146,6 +148,7 @@ class RingSession(KernelSession):
         self.depth = depth
         self.ring: RawRing | None = None
         self._owner: dict[int, int] = {}  # unique of a request in our hands -> its entry
+        self.host: uring.Ring | None = None  # host I/O in this ring (hostio/uring.py)
         self._backlog: collections.deque[tuple[int, int]] = collections.deque()
         self._in_pass = False
         self.commits = 0
@@ -157,7 +160,8 @@ class RingSession(KernelSession):
     def prepare(self) -> None:
         """The ring and its buffers, before INIT is answered (raises OSError): once the
         reply agrees on the ring, the kernel holds every request until it is armed."""
-        entries = 1 << max(6, (self.entries * 2 - 1).bit_length())
+        # room for every entry's commit and every host operation, twice over
+        entries = 1 << max(6, ((self.entries + HOST_OPS) * 2 - 1).bit_length())
         self.ring = ring = RawRing(entries, SETUP_SQE128)
         self.headers = mmap.mmap(-1, self.entries * HEADER_STRIDE)
         self.payloads = mmap.mmap(-1, self.entries * PAYLOAD)  # untouched pages cost nothing
@@ -204,6 +208,8 @@ class RingSession(KernelSession):
                 self.close_ring()
                 return f"registering entry {user_data & ~ENTRY_TAG}: {os.strerror(-res)}"
             self._backlog.append((user_data, res))
+        self.host = uring.Ring.within(ring, self._submit_unless_in_pass, HOST_OPS)
+        uring.share(self.host)
         return None
 
     def close_ring(self) -> None:
@@ -211,6 +217,9 @@ class RingSession(KernelSession):
         ring, self.ring = self.ring, None
         if ring is None:
             return
+        if self.host is not None:
+            uring.share(None)
+            self.host.close()
         trio.lowlevel.notify_closing(ring.fd)
         self._enters = ring.enters
         ring.close()
@@ -281,6 +290,9 @@ class RingSession(KernelSession):
 
     def _completed(self, user_data: int, res: int) -> Waiting | None:
         entry = user_data & ~ENTRY_TAG
+        if not user_data & ENTRY_TAG and self.host is not None:
+            self.host.complete(user_data, res)  # a host read or write: its task goes on
+            return None
         if not user_data & ENTRY_TAG or entry >= self.entries:
             log.error("FUSE over io_uring: a completion nobody asked for (%#x)", user_data)
             return None
@@ -358,6 +370,11 @@ class RingSession(KernelSession):
                 log.error("FUSE over io_uring: io_uring_enter: %s", e.strerror)
                 return
 
+    def _submit_unless_in_pass(self) -> None:
+        """Host I/O pushed by a request's first step goes with the pass's replies."""
+        if not self._in_pass:
+            self._submit()
+
     def _sweep(self) -> None:
         """An idle second: submit what is still queued and let the kernel post any
         completion it held back, so no lost wake-up can strand a request."""
@@ -375,7 +392,8 @@ class RingSession(KernelSession):
 
     def summary(self) -> str:
         enters = self.ring.enters if self.ring is not None else self._enters
+        host = self.host.submitted if self.host is not None else 0
         return (
-            f"{super().summary()}; over io_uring: {self.commits} replies in {self.passes} "
-            f"passes, {enters} io_uring_enter calls"
+            f"{super().summary()}; over io_uring: {self.commits} replies and {host} host "
+            f"operations in {self.passes} passes, {enters} io_uring_enter calls"
         )
