@@ -9,6 +9,7 @@ needs no waiting is answered in the loop pass that read it, with no task.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -116,6 +117,28 @@ def test_a_request_in_flight_at_unmount_is_answered(tmp_path, write_spec, mount,
     assert m.proc is not None and m.proc.wait(timeout=30) == 0
     m.proc = None
     assert not is_mounted(m.mountpoint)
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+@needs_ring
+def test_host_io_goes_into_the_fuse_ring(tmp_path, write_spec, mount) -> None:
+    """An O_DIRECT image (every read and write waits for the device): its io_uring
+    operations go into the mount's FUSE ring, and the data is right."""
+    data = os.urandom(4 * MiB)
+    (tmp_path / "d0.img").write_bytes(data)
+    spec = write_spec(
+        '[nodes.d0]\ndriver = "raw"\nfile = { driver = "file", filename = "d0.img", '
+        'cache.direct = true, aio = "io_uring" }\n[disks.vm0]\nnode = "d0"\n'
+    )
+    m = mount(spec, extra_args=RING)
+    assert read_at(m.path("vm0.img"), 0, len(data)) == data
+    write_at(m.path("vm0.img"), 4096, b"r" * 8192)
+    assert read_at(m.path("vm0.img"), 0, 3 * 4096) == data[:4096] + b"r" * 8192
+    stats = json.loads(m.path("vm0", "nodes", "d0.file", "stats").read_text())
+    assert stats["uring_in_fuse_ring"] >= 3 and stats["inline_reads"] == 0, stats
+    m.stop()
+    assert "host operations" in m.log
 
 
 # -- selection, without a mount ---------------------------------------------------------
