@@ -151,6 +151,8 @@ class RingSession(KernelSession):
         self.host: uring.Ring | None = None  # host I/O in this ring (hostio/uring.py)
         self._backlog: collections.deque[tuple[int, int]] = collections.deque()
         self._in_pass = False
+        self._deferred = False  # replies of tasks woken by the last pass: sent together
+        self._woke_tasks = False
         self.commits = 0
         self.passes = 0
         self._enters = 0
@@ -262,6 +264,19 @@ class RingSession(KernelSession):
                 requests.start_soon(self._ring_loop, requests)  # a new loop serves on
                 await self.see_through(waiting)
                 return
+            if self._woke_tasks:
+                await self._gather_replies()
+
+    async def _gather_replies(self) -> None:
+        """The pass handed host completions to waiting requests: let them run now and
+        send all their replies in one io_uring_enter, not one each."""
+        self._woke_tasks = False
+        self._deferred = True
+        try:
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._deferred = False
+        self._submit()
 
     def _kick(self) -> None:
         """Enter the kernel once: the task work that delivers a request into an entry
@@ -292,6 +307,7 @@ class RingSession(KernelSession):
         entry = user_data & ~ENTRY_TAG
         if not user_data & ENTRY_TAG and self.host is not None:
             self.host.complete(user_data, res)  # a host read or write: its task goes on
+            self._woke_tasks = True
             return None
         if not user_data & ENTRY_TAG or entry >= self.entries:
             log.error("FUSE over io_uring: a completion nobody asked for (%#x)", user_data)
@@ -356,7 +372,7 @@ class RingSession(KernelSession):
         ENT_IN_OUT.pack_into(self.hview, h + ENT_AT, 0, unique, n, 0, 0)
         ring.push_encoded(self._commit_sqe[entry], COMMIT_ID_AT, unique)
         self.commits += 1
-        if not self._in_pass:
+        if not (self._in_pass or self._deferred):
             self._submit()  # a request that waited: its reply goes now
 
     def _submit(self) -> None:
@@ -372,7 +388,7 @@ class RingSession(KernelSession):
 
     def _submit_unless_in_pass(self) -> None:
         """Host I/O pushed by a request's first step goes with the pass's replies."""
-        if not self._in_pass:
+        if not (self._in_pass or self._deferred):
             self._submit()
 
     def _sweep(self) -> None:
