@@ -80,7 +80,7 @@ PASSES_PER_TURN = 16
 #: host operations (cold reads, O_DIRECT writes, fdatasync) in the ring at once
 HOST_OPS = 64
 #: how often an idle loop looks at the ring without a wake-up (a lost one costs no more)
-SWEEP = 1.0
+SWEEP = 0.25
 #: completions that mean the connection is gone
 GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV)
 
