@@ -392,7 +392,7 @@ class RingSession(KernelSession):
             self._submit()
 
     def _sweep(self) -> None:
-        """An idle second: submit what is still queued and let the kernel post any
+        """A quiet SWEEP: submit what is still queued and let the kernel post any
         completion it held back, so no lost wake-up can strand a request."""
         ring = self.ring
         if ring is None:
