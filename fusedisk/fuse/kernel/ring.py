@@ -79,7 +79,10 @@ ENTRY_TAG = 1 << 62
 PASSES_PER_TURN = 16
 #: host operations (cold reads, O_DIRECT writes, fdatasync) in the ring at once
 HOST_OPS = 64
-#: how often an idle loop looks at the ring without a wake-up (a lost one costs no more)
+#: how often an idle loop looks at the ring without a wake-up (a lost one costs no
+#: more): every 5 ms within a second of the last request, else four times a second.
+#: Lost wake-ups were seen under load (3 in 32 fio runs; docs/design-notes.md)
+BUSY_SWEEP = 0.005
 SWEEP = 0.25
 #: completions that mean the connection is gone
 GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV)
@@ -153,8 +156,10 @@ class RingSession(KernelSession):
         self._in_pass = False
         self._deferred = False  # replies of tasks woken by the last pass: sent together
         self._woke_tasks = False
+        self._busy_until = 0.0  # a short sweep until then (see BUSY_SWEEP)
         self.commits = 0
         self.passes = 0
+        self.lost_wakeups = 0  # work the sweep found that no wake-up had announced
         self._enters = 0
 
     # -- set-up -----------------------------------------------------------------------
@@ -247,8 +252,12 @@ class RingSession(KernelSession):
                 self._kick()  # a request on its way lands now: no trip through epoll
                 self._backlog.extend(ring.reap())
             if not self._backlog:
+                now = trio.current_time()
+                if passes:
+                    self._busy_until = now + 1.0
                 passes = 0
-                woken = await self.wait_for_work(ring.fd, SWEEP)  # readable: completions
+                timeout = BUSY_SWEEP if now < self._busy_until else SWEEP
+                woken = await self.wait_for_work(ring.fd, timeout)  # readable: completions
                 if self.stopping:
                     return
                 if not woken:
@@ -401,7 +410,8 @@ class RingSession(KernelSession):
         with contextlib.suppress(OSError):
             ring.submit(getevents=True)
         if queued or ring.ready():
-            log.warning(
+            self.lost_wakeups += 1
+            log.debug(
                 "FUSE over io_uring: the idle sweep found %d queued replies%s (no wake-up)",
                 queued, " and completions" if ring.ready() else "",
             )  # fmt: skip
@@ -411,5 +421,6 @@ class RingSession(KernelSession):
         host = self.host.submitted if self.host is not None else 0
         return (
             f"{super().summary()}; over io_uring: {self.commits} replies and {host} host "
-            f"operations in {self.passes} passes, {enters} io_uring_enter calls"
+            f"operations in {self.passes} passes, {enters} io_uring_enter calls, "
+            f"{self.lost_wakeups} found by the sweep"
         )
