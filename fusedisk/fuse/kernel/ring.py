@@ -44,7 +44,6 @@ import logging
 import mmap
 import os
 import struct
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -52,8 +51,15 @@ import trio
 from fusedisk.fuse.filesystem import MountFilesystem
 from fusedisk.fuse.kernel import protocol as p
 from fusedisk.fuse.kernel.eager import Waiting
+from fusedisk.fuse.kernel.ring_support import (  # noqa: F401 (ring.unavailable etc.)
+    HOW_TO,
+    PARAMETER,
+    possible_cpus,
+    turn_on,
+    unavailable,
+)
 from fusedisk.fuse.kernel.session import MAX_WRITE, KernelSession
-from fusedisk.hostio import uring, uring_core
+from fusedisk.hostio import uring
 from fusedisk.hostio.uring_core import OP_URING_CMD, SETUP_SQE128, RawRing
 
 log = logging.getLogger("fusedisk")
@@ -87,53 +93,12 @@ SWEEP = 0.25
 #: completions that mean the connection is gone
 GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV)
 
-PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
-HOW_TO = "echo Y > /sys/module/fuse/parameters/enable_uring (see docs/mount.md)"
-
 #: buffers of rings closed while the kernel could still write into them
 _RETIRED: list[Any] = []
 
 
 class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-def possible_cpus() -> int:
-    """How many CPUs the kernel may run a caller on: one queue each ("0-1" -> 2)."""
-    try:
-        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    count = 0
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
-
-
-def unavailable() -> str | None:
-    """Why FUSE over io_uring cannot be used here (a sentence), or None if it may."""
-    try:
-        enabled = PARAMETER.read_text().strip()
-    except OSError:
-        return "this kernel has no FUSE over io_uring (CONFIG_FUSE_IO_URING, Linux 6.14+)"
-    if enabled not in ("Y", "1"):
-        return f"FUSE over io_uring is off in this kernel; as root: {HOW_TO}"
-    try:
-        if Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() not in ("", "0"):
-            return "io_uring is disabled (/proc/sys/kernel/io_uring_disabled)"
-    except OSError:
-        pass
-    return uring_core.available()
-
-
-def turn_on() -> bool:
-    """Switch the kernel's FUSE over io_uring on (root only; what the demo does, and
-    what docs/mount.md says how to make lasting).  True if it is on afterwards."""
-    with contextlib.suppress(OSError):
-        if PARAMETER.read_text().strip() not in ("Y", "1"):
-            PARAMETER.write_text("Y\n")
-    return unavailable() is None
 
 
 def _address(buf: Any) -> tuple[int, Any]:
