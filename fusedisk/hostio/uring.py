@@ -131,6 +131,11 @@ class Ring:
         return cls(limit, raw, submit)
 
     @property
+    def busy(self) -> bool:
+        """Operations are in flight (their completions still to come)."""
+        return bool(self._waiting)
+
+    @property
     def fd(self) -> int:
         return -1 if self._shared_closed else self.raw.fd
 

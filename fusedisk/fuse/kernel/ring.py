@@ -224,7 +224,7 @@ class RingSession(KernelSession):
                 timeout = BUSY_SWEEP if now < self._busy_until else SWEEP
                 woken = await self.wait_for_work(ring.fd, timeout)  # readable: completions
                 if self.stopping:
-                    return
+                    break
                 if not woken:
                     self._sweep()
                 continue
@@ -240,6 +240,27 @@ class RingSession(KernelSession):
                 return
             if self._woke_tasks:
                 await self._gather_replies()
+        await self._finish_host_io()
+
+    def stop(self) -> None:
+        """As KernelSession.stop; host I/O started from now on goes to the files' own
+        rings, since this loop will not be there to reap it."""
+        uring.share(None)
+        super().stop()
+
+    async def _finish_host_io(self) -> None:
+        """After stop(): reap the host I/O still in this ring (requests finishing in
+        their grace period wait for it); requests arriving now are left to the
+        kernel, which ends them when the connection closes."""
+        ring, host = self.ring, self.host
+        while ring is not None and host is not None and host.busy:
+            with trio.move_on_after(BUSY_SWEEP):
+                await trio.lowlevel.wait_readable(ring.fd)
+            with contextlib.suppress(OSError):
+                ring.submit(getevents=True)
+            for user_data, res in ring.reap():
+                if not user_data & ENTRY_TAG:
+                    host.complete(user_data, res)
 
     async def _gather_replies(self) -> None:
         """The pass handed host completions to waiting requests: let them run now and
