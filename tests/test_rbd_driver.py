@@ -96,7 +96,7 @@ def test_a_second_writer_is_refused(ceph, tmp_path):
             out = await trio.to_thread.run_sync(
                 lambda: run_fail(
                     "qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k", ceph.qemu_name("rbd", image)
-                )  # fmt: skip
+                )
             )
             assert "Read-only file system" in out
             await graph.nodes["r"].write(4096, b"B" * 4096)
@@ -173,7 +173,7 @@ def test_the_images_snapshots_as_a_control_file(ceph, tmp_path):
         (
             'server = [{ host = "127.0.0.1" , port = "99999" }]',
             r"node 'r': option 'server'\[0\]: 'port' must be 1-65535",
-        ),  # fmt: skip
+        ),
         ('key-file = "nokey"', r"node 'r': option 'key-file': cannot open '.*nokey'"),
         ('auth-client-required = "kerberos"', r"option 'auth-client-required': expected cephx"),
     ],
