@@ -127,7 +127,7 @@ def open_image(target: Target, read_only: bool, exclusive: bool, timeout: float)
         except rbd.Error as e:
             raise RbdError(_errno_of(e), f"cannot open image '{target.spec()}': {e}") from None
         if exclusive and not read_only:
-            _take_lock(image, target)
+            take_lock(image, target)
     except BaseException:
         if image is not None:
             image.close()
@@ -138,8 +138,12 @@ def open_image(target: Target, read_only: bool, exclusive: bool, timeout: float)
     return cluster, ioctx, image
 
 
-def _take_lock(image: Any, target: Target) -> None:
+def take_lock(image: Any, target: Target) -> None:
+    """librbd's exclusive lock, kept until released (blocking); RbdError EBUSY if
+    another client holds it."""
     _, rbd = bindings()
+    if image.is_exclusive_lock_owner():
+        return
     try:
         image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
     except rbd.ReadOnlyImage:

@@ -30,7 +30,7 @@ import trio
 
 from fusedisk.errors import IOFailure, OpenError
 from fusedisk.formats.rbd import snapshots
-from fusedisk.formats.rbd.client import RbdClient, RbdError, Target
+from fusedisk.formats.rbd.client import RbdClient, RbdError, Target, take_lock
 from fusedisk.formats.rbd.librbd import bindings
 from fusedisk.formats.rbd.target import target_of
 from fusedisk.graph.extents import Extent, Status, merge_extents
@@ -111,6 +111,23 @@ class RbdNode(Node):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+    async def prepare_read_only(self) -> None:
+        """The base of a snapshot: write back librbd's cache and give the exclusive lock
+        up, so a later commit's read-write open of the same image can take it."""
+        if self.read_only or self.target.snapshot:
+            return
+        await self.flush()
+        image = self.client.image
+        if await self.client.blocking(image.is_exclusive_lock_owner):
+            await self.client.blocking(image.lock_release)
+
+    async def prepare_writable(self) -> None:
+        """Writable again (a snapshot undone): take the exclusive lock back."""
+        try:
+            await self.client.blocking(lambda: take_lock(self.client.image, self.target))
+        except RbdError as e:
+            raise OpenError(f"{self.where}: {e}") from None
 
     @property
     def client(self) -> RbdClient:
@@ -252,6 +269,16 @@ class RbdNode(Node):
             "in_flight": self._in_flight,
         }
 
+    def backing_name(self) -> str:
+        """QEMU's legacy name of the image (what a snapshot overlay's header names):
+        rbd:POOL/[NAMESPACE/]IMAGE[:conf=...][:id=...][:mon_host=...][:option=value]."""
+        t = self.target
+        pairs = [("conf", t.conf), ("id", t.user), ("mon_host", t.mon_host)]
+        pairs += list(t.settings.items())
+        ns = f"{_escape(t.namespace)}/" if t.namespace else ""
+        head = f"rbd:{_escape(t.pool)}/{ns}{_escape(t.image)}"
+        return head + "".join(f":{k}={_escape(v)}" for k, v in pairs if v)
+
     # -- driver slots: `fusedisk create -f rbd` and `fusedisk info rbd:...` ------------
 
     @classmethod
@@ -272,3 +299,8 @@ class RbdNode(Node):
         from fusedisk.formats.rbd.create import image_info
 
         return image_info(target)
+
+
+def _escape(text: str) -> str:
+    """A value inside QEMU's `rbd:` name: `:` and `\\` escaped with a backslash."""
+    return text.replace("\\", "\\\\").replace(":", "\\:")
