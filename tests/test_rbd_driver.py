@@ -5,6 +5,7 @@ and `create`/`info`."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from fusedisk.formats.rbd.create import create_image, image_info
 from fusedisk.graph.extents import Status
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import load_spec
-from tests.conftest import run
+from tests.conftest import cli, run
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -231,3 +232,16 @@ def test_create_and_info(ceph, tmp_path):
         image_info(ceph.qemu_name("rbd", "nosuch"))
     with pytest.raises(SpecError, match="expected rbd:POOL/IMAGE"):
         image_info("rbd:justapool")
+
+
+def test_the_command_line_creates_and_shows_an_image(ceph):
+    name = ceph.qemu_name("rbd", f"cli{os.getpid()}")
+    made = cli("create", "-f", "rbd", "-o", "cluster_size=1M", name, "20M")
+    assert made.returncode == 0, made.stderr
+    shown = cli("info", "--json", name)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["virtual-size"] == 20 * MiB
+    assert "virtual size: 20.0 MiB" in cli("info", name).stdout
+    missing = cli("info", ceph.qemu_name("rbd", "nosuch"))
+    assert missing.returncode != 0 and "no image 'rbd/nosuch'" in missing.stderr
+    assert "Traceback" not in missing.stderr

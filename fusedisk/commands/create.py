@@ -16,6 +16,7 @@ from typing import Any
 
 from fusedisk.errors import OpenError, SpecError
 from fusedisk.formats.qcow2.create import create_qcow2
+from fusedisk.formats.rbd.create import CREATE_OPTIONS as RBD_CREATE_OPTIONS
 from fusedisk.graph.options import Option, OptionValueError, option_table, parse_size
 
 
@@ -79,6 +80,14 @@ def _create_dedup(
     create_image(path, o["data"], size, o["block_size"])
 
 
+def _create_rbd(
+    path: Path, size: int | None, backing: str | None, fmt: str | None, o: dict[str, Any]
+) -> None:
+    from fusedisk.formats.rbd.create import create_image
+
+    create_image(str(path), size, o, backing, fmt)
+
+
 CREATORS: dict[str, Creator] = {
     "qcow2": Creator(
         option_table(
@@ -102,6 +111,7 @@ CREATORS: dict[str, Creator] = {
         ),
         _create_dedup,
     ),
+    "rbd": Creator(RBD_CREATE_OPTIONS, _create_rbd),  # FILE is rbd:POOL/IMAGE:conf=...
 }
 
 

@@ -89,6 +89,12 @@ def text(info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if str(args.image).startswith("rbd:"):  # a network image, QEMU's name (docs/drivers/rbd.md)
+        from fusedisk.formats.rbd.create import image_info as rbd_info
+
+        info = rbd_info(str(args.image))
+        print(json.dumps(info, indent=4) if args.json else text(info))
+        return 0
     infos = chain_info(args.image, args.format) if args.backing_chain else None
     if args.json:
         doc: Any = infos if infos is not None else image_info(args.image, args.format)
