@@ -105,24 +105,64 @@ class Cluster:
             time.sleep(0.5)
 
 
+class _Start:
+    """The cluster's start, begun in the background as soon as the run is known to
+    need it (after collection), so it overlaps the tests that come before."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.began = time.monotonic()
+        self.proc = subprocess.Popen(
+            [str(SCRIPT), "start", str(folder), str(OSDS)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def wait(self) -> tuple[subprocess.CompletedProcess[str], float]:
+        out, err = self.proc.communicate(timeout=180)
+        ready = time.monotonic() - self.began
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err), ready
+
+
+_started: list[_Start] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    needed = any("ceph" in getattr(item, "fixturenames", ()) for item in session.items)
+    if needed and not session.config.option.collectonly and missing_ceph() is None:
+        folder = session.config._tmp_path_factory.mktemp("ceph")  # type: ignore[attr-defined]
+        _started.append(_Start(folder))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for start in _started:  # a run that ended before the fixture was torn down
+        if start.proc.poll() is None:
+            start.proc.kill()
+            start.proc.wait()
+        subprocess.run([str(SCRIPT), "stop", str(start.folder)], timeout=60)
+
+
 @pytest.fixture(scope="session")
-def ceph(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+def ceph(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     reason = missing_ceph()
     if reason:
         pytest.skip(reason)
-    folder = tmp_path_factory.mktemp("ceph")
-    started = time.monotonic()
-    result = subprocess.run(
-        [str(SCRIPT), "start", str(folder), str(OSDS)],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    elapsed = time.monotonic() - started
+    if not _started:
+        folder = request.config._tmp_path_factory.mktemp("ceph")  # type: ignore[attr-defined]
+        _started.append(_Start(folder))
+    start = _started[0]
+    waited = time.monotonic()
+    result, ready = start.wait()
+    waited = time.monotonic() - waited
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line(f"ceph: a cluster of 1 mon + {OSDS} OSDs started in {elapsed:.1f} s")
+        reporter.write_line(
+            f"ceph: a cluster of 1 mon + {OSDS} OSDs started in {ready:.1f} s "
+            f"(in the background; the rbd tests waited {waited:.1f} s for it)"
+        )
     try:
         assert result.returncode == 0, f"the Ceph cluster did not start:\n{result.stderr}"
         env = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-        yield Cluster(folder, env)
+        yield Cluster(start.folder, env)
     finally:
-        subprocess.run([str(SCRIPT), "stop", str(folder)], timeout=60)
+        subprocess.run([str(SCRIPT), "stop", str(start.folder)], timeout=60)
+        _started.remove(start)
