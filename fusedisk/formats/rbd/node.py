@@ -31,6 +31,7 @@ import trio
 from fusedisk.errors import IOFailure, OpenError
 from fusedisk.formats.rbd import snapshots
 from fusedisk.formats.rbd.client import RbdClient, RbdError, Target, take_lock
+from fusedisk.formats.rbd.create import CREATE_OPTIONS, create_image, image_info
 from fusedisk.formats.rbd.librbd import bindings
 from fusedisk.formats.rbd.target import target_of
 from fusedisk.graph.extents import Extent, Status, merge_extents
@@ -70,6 +71,7 @@ class RbdNode(Node):
             "librados client options, such as {rados_osd_op_timeout = 5}",
         ),
     )  # fmt: skip
+    create_options = CREATE_OPTIONS  # `fusedisk create -f rbd -o ...`
     graph_op = GraphOp.TARGET  # a snapshot overlay goes in above it (a host file beside)
 
     _client: RbdClient | None = None
@@ -174,7 +176,8 @@ class RbdNode(Node):
     async def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
         for at, n in self._pieces(offset, len(data)):
-            chunk = bytes(view[at - offset : at - offset + n])
+            whole = n == len(data) and isinstance(data, bytes)
+            chunk = data if whole else bytes(view[at - offset : at - offset + n])
             image = self.client.image
             await self._run(
                 f"write at {at}+{n}",
@@ -290,14 +293,10 @@ class RbdNode(Node):
         backing: str | None = None,
         backing_format: str | None = None,
     ) -> None:
-        from fusedisk.formats.rbd.create import create_image
-
         create_image(target, size, options, backing, backing_format)
 
     @classmethod
     def info(cls, target: str) -> dict[str, Any]:
-        from fusedisk.formats.rbd.create import image_info
-
         return image_info(target)
 
 
