@@ -149,3 +149,23 @@ def test_a_quorum_over_three_pools_serves_with_one_osd_stopped(ceph, write_spec,
     a = ceph.export("p0", images[0], m.mountpoint.parent / "a.raw")
     b = ceph.export("p2", images[2], m.mountpoint.parent / "b.raw")
     assert a == b
+
+
+def test_rbd_snapshots_through_the_control_file(ceph, write_spec, mount):
+    image = ceph.new_image(size="8M")
+    spec = write_spec(rbd_node("r", ceph.conf, "rbd", image) + '[disks.vm0]\nnode = "r"\n')
+    m = mount(spec)
+    control = m.path("vm0", "nodes", "r", "snapshots")
+    write_at(m.path("vm0.img"), 0, b"A" * MiB)
+    control.write_text("create before\n")
+    write_at(m.path("vm0.img"), 0, b"B" * MiB)
+    assert control.read_text().split("\t")[0] == "before"
+    assert "before" in ceph.rbd("snap", "ls", f"rbd/{image}")
+    control.write_text("rollback before\n")  # the disk drained meanwhile
+    assert read_at(m.path("vm0.img"), 0, MiB) == b"A" * MiB
+    with pytest.raises(OSError) as e:
+        control.write_text("remove nosuch\n")
+    assert e.value.errno == errno.ENOENT
+    control.write_text("remove before\n")
+    assert control.read_text() == ""
+    m.stop()

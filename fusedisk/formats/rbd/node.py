@@ -24,7 +24,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
 
 import trio
 
@@ -39,6 +40,8 @@ from fusedisk.graph.node import Control, GraphOp, Node
 from fusedisk.graph.options import Option, option_table
 
 log = logging.getLogger("fusedisk")
+
+T = TypeVar("T")
 
 #: how long opening waits for the cluster (librados' own mount timeout is set to it)
 OPEN_TIMEOUT = 10.0
@@ -245,7 +248,7 @@ class RbdNode(Node):
 
     # -- drained work (a rollback) -----------------------------------------------------
 
-    async def quiesced(self, work: Any) -> Any:
+    async def quiesced(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run `work()` with no request of this node in flight and new ones held back."""
         if self._gate is not None:
             raise IOFailure(f"{self.where}: another rollback is running", errno.EBUSY)

@@ -3,25 +3,27 @@
 Reading it lists them, one a line: `NAME<TAB>SIZE<TAB>ID`, oldest first.
 Writing a line acts:
 
-    create NAME      take a snapshot (librbd first finishes the writes in flight)
+    create NAME      take a snapshot, with the disks above drained (a consistent point)
     remove NAME      delete one
-    rollback NAME    make the image's contents those of the snapshot again; runs with
-                     this node's requests held back and none in flight
+    rollback NAME    make the image's contents those of the snapshot again, with the
+                     disks above drained
     refresh          re-read the list (snapshots taken by other clients)
 
 The list is read from librbd when the node opens and after each change made
 here: reading a control file must never block on the cluster.  These are
 the cluster's snapshots of one image, unlike the disk's `snapshot` file,
-which inserts qcow2 overlays (docs/snapshots.md).  After a rollback, data a
-reader has cached above the node (the kernel's page cache of the disk file,
-a qcow2 overlay's) is stale: reopen the disk file.
+which inserts qcow2 overlays (docs/snapshots.md).  Disk files are opened with
+direct I/O (no page cache), so reads after a rollback see the snapshot's data; a
+file system mounted on the disk has its own cache and must be unmounted first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fusedisk.errors import ControlError
@@ -48,14 +50,25 @@ async def refresh(node: RbdNode) -> None:
     node.snapshot_text = _render(sorted(snaps, key=lambda s: s["id"]))
 
 
+async def _drained(node: RbdNode, work: Callable[[], Awaitable[None]]) -> None:
+    """Run `work` with every disk above the node drained (requests held, those in
+    flight done, everything flushed), and none of the node's own requests in flight
+    (a job's, say)."""
+    disks_of = getattr(node.context, "disks_of", None)  # the graph
+    async with contextlib.AsyncExitStack() as stack:
+        for disk in disks_of([node]) if disks_of else []:
+            await stack.enter_async_context(disk.drained())
+        await node.quiesced(work)
+
+
 async def _apply(node: RbdNode, verb: str, name: str) -> None:
     image = node.client.image
     if verb == "create":
-        await node.quiesced(lambda: node.client.blocking(lambda: image.create_snap(name)))
+        await _drained(node, lambda: node.client.blocking(lambda: image.create_snap(name)))
     elif verb == "remove":
         await node.client.blocking(lambda: image.remove_snap(name))
     elif verb == "rollback":
-        await node.quiesced(lambda: node.client.blocking(lambda: image.rollback_to_snap(name)))
+        await _drained(node, lambda: node.client.blocking(lambda: image.rollback_to_snap(name)))
         log.info("node '%s': rolled back to rbd snapshot '%s'", node.name, name)
 
 
