@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.conftest import make_image, needs, read_at, run, write_at
+from tests.mounting import MountError
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(150), needs("qemu-io", "fio")]
 
@@ -169,3 +170,11 @@ def test_rbd_snapshots_through_the_control_file(ceph, write_spec, mount):
     control.write_text("remove before\n")
     assert control.read_text() == ""
     m.stop()
+
+
+def test_a_missing_image_fails_the_mount_with_one_sentence(ceph, write_spec, mount):
+    spec = write_spec(rbd_node("r", ceph.conf, "rbd", "nosuch") + '[disks.vm0]\nnode = "r"\n')
+    with pytest.raises(MountError) as e:
+        mount(spec)
+    assert "node 'r': no image 'rbd/nosuch'" in str(e.value)
+    assert "Traceback" not in str(e.value)
