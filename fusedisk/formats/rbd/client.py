@@ -9,9 +9,11 @@ socket).  `_deliver` runs on the event loop and wakes every task whose request
 finished by then, so under load one wake-up serves many completions.  There is
 no thread per request and no blocking call on the event loop.
 
-Connecting, opening, closing, resizing and snapshot calls block in librados;
-they run on a worker thread (`trio.to_thread`), bounded by librados'
-client_mount_timeout / rados_mon_op_timeout and by our own deadline.
+Connecting, opening and closing block in librados; they run on a worker thread
+(`trio.to_thread`), bounded by librados' client_mount_timeout /
+rados_mon_op_timeout and by our own deadline.  Block status (diff_iterate),
+resize and snapshot calls block too: they go to a small WorkerPool
+(hostio/workers.py), which queues a call without a thread hand-off each.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 import trio
 
 from fusedisk.formats.rbd.librbd import bindings
+from fusedisk.hostio.workers import WorkerPool
 
 log = logging.getLogger("fusedisk")
 
@@ -202,7 +205,8 @@ class RbdClient:
         self.ioctx = ioctx
         self.image = image
         self._completions = _Completions(trio.lowlevel.current_trio_token())
-        self._limiter = trio.CapacityLimiter(1)  # one blocking call at a time per image
+        # block status, resize, snapshots: queued to a worker, no thread hand-off each
+        self._pool = WorkerPool(f"rbd:{target.spec()}", max_workers=2)
         self.closed = False
 
     @classmethod
@@ -249,13 +253,14 @@ class RbdClient:
             except rbd.Error as e:
                 raise RbdError(_errno_of(e), str(e)) from None
 
-        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+        return await self._pool.run(run)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Close the image (librbd flushes its cache) and the session, off the loop."""
         if self.closed:
             return
         self.closed = True
+        self._pool.close()
         image, ioctx, cluster = self.image, self.ioctx, self.cluster
 
         def close_all() -> None:
