@@ -100,8 +100,16 @@ class RbdNode(Node):
             )
         except RbdError as e:
             raise OpenError(f"{self.where}: {e}") from None
-        self.size = await self._client.blocking(self._client.image.size)
-        self.object_size = 1 << int((await self._client.blocking(self._client.image.stat))["order"])
+        self.opened_read_only = self.read_only
+        try:
+            self.size = await self._client.blocking(self._client.image.size)
+            stat = await self._client.blocking(self._client.image.stat)
+        except BaseException as e:
+            await self.close()
+            if isinstance(e, RbdError):
+                raise OpenError(f"{self.where}: {e}") from None
+            raise
+        self.object_size = 1 << int(stat["order"])
         self.errors = 0
         self._gate: trio.Event | None = None  # set while a rollback holds requests back
         self._in_flight = 0
@@ -129,6 +137,8 @@ class RbdNode(Node):
 
     async def prepare_writable(self) -> None:
         """Writable again (a snapshot undone): take the exclusive lock back."""
+        if self.opened_read_only:
+            raise OpenError(f"{self.where}: opened read-only; it cannot become writable")
         try:
             await self.client.blocking(lambda: take_lock(self.client.image, self.target))
         except RbdError as e:
