@@ -154,11 +154,13 @@ def ceph(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     result, ready = start.wait()
     waited = time.monotonic() - waited
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(
-            f"ceph: a cluster of 1 mon + {OSDS} OSDs started in {ready:.1f} s "
-            f"(in the background; the rbd tests waited {waited:.1f} s for it)"
-        )
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # to the terminal, not the test's output
+            reporter.write_line(
+                f"\nceph: a cluster of 1 mon + {OSDS} OSDs started in {ready:.1f} s "
+                f"(in the background; the rbd tests waited {waited:.1f} s for it)"
+            )
     try:
         assert result.returncode == 0, f"the Ceph cluster did not start:\n{result.stderr}"
         env = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
