@@ -112,9 +112,11 @@ class _Start:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.began = time.monotonic()
+        # a test run killed outright still gets its cluster stopped (the owner watcher)
+        env = {**os.environ, "CEPH_SINGLE_NODE_OWNER": str(os.getpid())}
         self.proc = subprocess.Popen(
             [str(SCRIPT), "start", str(folder), str(OSDS)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
 
     def wait(self) -> tuple[subprocess.CompletedProcess[str], float]:
