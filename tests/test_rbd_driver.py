@@ -241,7 +241,10 @@ def test_the_command_line_creates_and_shows_an_image(ceph):
     shown = cli("info", "--json", name)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["virtual-size"] == 20 * MiB
-    assert "virtual size: 20.0 MiB" in cli("info", name).stdout
+    ceph.rbd("snap", "create", f"rbd/cli{os.getpid()}@first")
+    text = cli("info", name).stdout
+    assert "virtual size: 20.0 MiB" in text
+    assert "Snapshot list:" in text and "first" in text
     missing = cli("info", ceph.qemu_name("rbd", "nosuch"))
     assert missing.returncode != 0 and "no image 'rbd/nosuch'" in missing.stderr
     assert "Traceback" not in missing.stderr
