@@ -4,6 +4,7 @@ own rbd driver and `rbd export` both ways, and what a stopped OSD does."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import threading
@@ -143,8 +144,11 @@ def test_a_quorum_over_three_pools_serves_with_one_osd_stopped(ceph, write_spec,
         assert "err= 0" in out
     # the OSD is back: what was written while it was stopped reads back right
     assert "err= 0" in run(*fio, "--rw=randwrite", "--verify_only=1")
-    status = m.path("vm0", "nodes", "q", "status").read_text()
-    assert '"failed"' in status, status  # the stopped child left service, counted
+    status = json.loads(m.path("vm0", "nodes", "q", "status").read_text())
+    stopped = status["children"]["children.1"]  # left service, its error counted
+    assert stopped["state"] == "failed" and stopped["write_errors"] >= 1, status
+    for other in ("children.0", "children.2"):
+        assert status["children"][other]["state"] == "healthy", status
     m.stop()
     # the two children that stayed hold the same bytes
     a = ceph.export("p0", images[0], m.mountpoint.parent / "a.raw")
