@@ -100,6 +100,14 @@ def test_a_second_writer_is_refused(ceph, tmp_path):
                 )
             )
             assert "Read-only file system" in out
+            # a read-only open takes no lock: it works beside the writer
+            reader = await open_graph(
+                tmp_path, rbd_spec(ceph.conf, "rbd", image, "read-only = true"), "ro.toml"
+            )
+            try:
+                assert await reader.nodes["r"].read(0, 4096) == b"A" * 4096
+            finally:
+                await reader.close()
             await graph.nodes["r"].write(4096, b"B" * 4096)
             assert await graph.nodes["r"].read(0, 8192) == b"A" * 4096 + b"B" * 4096
         finally:

@@ -182,3 +182,16 @@ def test_a_missing_image_fails_the_mount_with_one_sentence(ceph, write_spec, mou
         mount(spec)
     assert "node 'r': no image 'rbd/nosuch'" in str(e.value)
     assert "Traceback" not in str(e.value)
+
+
+def test_a_growable_disk_resizes_its_image(ceph, write_spec, mount):
+    image = ceph.new_image(size="8M")
+    spec = write_spec(
+        rbd_node("r", ceph.conf, "rbd", image) + '[disks.vm0]\nnode = "r"\ngrowable = true\n'
+    )
+    m = mount(spec)
+    os.truncate(m.path("vm0.img"), 24 * MiB)
+    assert m.path("vm0.img").stat().st_size == 24 * MiB
+    write_at(m.path("vm0.img"), 20 * MiB, b"g" * 4096)
+    assert "size 24 MiB" in ceph.rbd("info", f"rbd/{image}")
+    m.stop()
