@@ -21,7 +21,7 @@ from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import Node, Role, walk
 from fusedisk.graph.stats import IoStats, KindStats
-from fusedisk.spec import DiskSpec
+from fusedisk.spec_types import DiskSpec
 
 
 def is_zero(data: bytes | memoryview) -> bool:
