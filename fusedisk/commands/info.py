@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fusedisk.graph.registry import describable_drivers
 from fusedisk.service.imageinfo import chain_info, image_info
 from fusedisk.service.reader import human_bytes
-
-FORMATS = ("qcow2", "luks", "dedup", "raw")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "written.",
     )
     p.add_argument("image", type=Path, help="the image file (or block device)")
-    p.add_argument("-f", "--format", choices=FORMATS, help="do not probe: the image is this")
+    p.add_argument(
+        "-f",
+        "--format",
+        choices=sorted(describable_drivers()),
+        help="do not probe: the image is this",
+    )
     p.add_argument(
         "--backing-chain", action="store_true", help="every image of the qcow2 backing chain"
     )
@@ -89,12 +93,6 @@ def text(info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if str(args.image).startswith("rbd:"):  # a network image, QEMU's name (docs/drivers/rbd.md)
-        from fusedisk.formats.rbd.create import image_info as rbd_info
-
-        info = rbd_info(str(args.image))
-        print(json.dumps(info, indent=4) if args.json else text(info))
-        return 0
     infos = chain_info(args.image, args.format) if args.backing_chain else None
     if args.json:
         doc: Any = infos if infos is not None else image_info(args.image, args.format)

@@ -90,7 +90,7 @@ def leaf_driver(node: Node) -> str:
 
 def is_network_leaf(node: Node) -> bool:
     """A leaf whose image lives in a store named `PROTO:...` (rbd), not a host file."""
-    return bool(getattr(node, "protocol", None)) and not node.children
+    return node.protocol is not None and not node.children
 
 
 def overlay_path(node: Node, snapshot: str, spec_folder: Path) -> Path:
@@ -171,7 +171,7 @@ class SnapshotJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.start.node))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         graph, name = self.graph, self.target
         if not _SNAPSHOT_NAME.match(name):
             raise SnapshotError(f"snapshot name {name!r}: use letters, digits and _ . + - only")
@@ -223,7 +223,7 @@ class SnapshotJob(Job):
             self.txn.undo_later(partial(self.graph.remove_node, node))
             self.opened.append(node)
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         steps: list[Step] = []
         for plan, node in zip(self.plans, self.opened, strict=True):
             steps.append(repoint(plan.edge, node))
