@@ -256,3 +256,34 @@ def test_the_command_line_creates_and_shows_an_image(ceph):
     missing = cli("info", ceph.qemu_name("rbd", "nosuch"))
     assert missing.returncode != 0 and "no image 'rbd/nosuch'" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_many_requests_in_flight_use_no_thread_each(ceph, tmp_path):
+    """librbd's completions come back through one wake-up per batch: 400 concurrent
+    requests start no thread of ours (the process's thread count stays put)."""
+    image = ceph.new_image(size="16M")
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    async def main() -> None:
+        graph = await open_graph(tmp_path, rbd_spec(ceph.conf, "rbd", image))
+        try:
+            node = graph.nodes["r"]
+            await node.write(0, os.urandom(16 * MiB))
+            await node.block_status(0, node.size)  # the worker pool's thread, once
+            before = threads()
+            got: dict[int, bytes] = {}
+
+            async def read(i: int) -> None:
+                got[i] = await node.read(i * 40960, 4096)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(400):
+                    nursery.start_soon(read, i)
+            assert len(got) == 400
+            assert threads() <= before + 1
+        finally:
+            await graph.close()
+
+    trio.run(main)
