@@ -88,3 +88,10 @@ def test_missing_bindings_say_what_to_install(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert "apt install --no-install-recommends python3-rados python3-rbd" in out
+
+
+def test_a_conf_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "ceph.conf"
+    os.mkfifo(fifo)
+    with pytest.raises(OpenError, match=r"node 'r': option 'conf': .* is a FIFO"):
+        target_of({"pool": "p", "image": "i", "conf": str(fifo)}, "node 'r'")
