@@ -1,0 +1,130 @@
+"""O_TRUNC on a disk file changes nothing a reader or a later writer sees (issue 25).
+
+mount.md promises "O_TRUNC: ignored, as a block device ignores it".  With the
+kernel's atomic O_TRUNC, the kernel itself set the file's size to 0 after such an
+open: a QEMU reader with cache=none,aio=native then read zeroes (asynchronous
+direct I/O is clipped at the cached size), and `echo x >> vm0.img` wrote at
+offset 0.  Both transports are driven with real programs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image, needs, raw_spec, run
+from tests.mounting import Mount
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+PATTERN = b"\xab"
+
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(90)]
+
+TRANSPORTS = pytest.mark.parametrize(
+    "transport", [(), ("--transport", "pyfuse3")], ids=["kernel", "pyfuse3"]
+)
+
+
+class QemuIo:
+    """An interactive qemu-io on the disk file: a running VM's direct, native-AIO reads."""
+
+    def __init__(self, image: Path) -> None:
+        self.proc = subprocess.Popen(
+            ["qemu-io", "-f", "raw", "-t", "none", "-i", "native", str(image)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def read_pattern(self, offset: int, length: int) -> str:
+        """Run `read -P`; the lines qemu-io printed for it (a failure says so)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"read -P 0x{PATTERN.hex()} {offset} {length}\n")
+        self.proc.stdin.flush()
+        lines = []
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, f"qemu-io exited: {''.join(lines)}"
+            lines.append(line)
+            if "ops/sec" in line or "error" in line.lower():
+                return "".join(lines)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+
+
+def _mount(tmp_path: Path, mount, write_spec, transport: tuple[str, ...]) -> Mount:
+    make_image(tmp_path / "d0.img", SIZE, PATTERN)
+    return mount(write_spec(raw_spec()), extra_args=transport)
+
+
+@needs("qemu-io")
+@TRANSPORTS
+def test_o_trunc_does_not_make_a_running_aio_reader_see_zeroes(
+    tmp_path, mount, write_spec, transport
+) -> None:
+    m = _mount(tmp_path, mount, write_spec, transport)
+    disk = m.path("vm0.img")
+    reader = QemuIo(disk)
+    try:
+        assert "verification failed" not in reader.read_pattern(0, MiB)
+        subprocess.run(["sh", "-c", f": > {disk}"], check=True)  # what dd of= does first
+        for offset in (MiB, 0, SIZE - 4096):
+            out = reader.read_pattern(offset, 4096 if offset else MiB)
+            assert "verification failed" not in out, out
+    finally:
+        reader.close()
+    assert os.path.getsize(disk) == SIZE
+
+
+@TRANSPORTS
+def test_an_append_after_o_trunc_is_refused_and_sector_0_stays(
+    tmp_path, mount, write_spec, transport
+) -> None:
+    m = _mount(tmp_path, mount, write_spec, transport)
+    disk = m.path("vm0.img")
+    result = subprocess.run(["sh", "-c", f": > {disk}; echo x >> {disk}"], capture_output=True)
+    assert result.returncode != 0  # the append fails, as on a block device
+    fd = os.open(disk, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.close(os.open(disk, os.O_WRONLY | os.O_TRUNC))
+        appender = os.open(disk, os.O_WRONLY | os.O_APPEND)
+        try:
+            with pytest.raises(OSError) as e:
+                os.write(appender, b"x")
+            assert e.value.errno == errno.ENOSPC
+        finally:
+            os.close(appender)
+    finally:
+        os.close(fd)
+    assert os.path.getsize(disk) == SIZE
+    # dd without conv=notrunc still writes where it is told
+    run("dd", "if=/dev/zero", f"of={disk}", "bs=4k", "count=1", "seek=1", "status=none")
+    m.stop()
+    image = (tmp_path / "d0.img").read_bytes()
+    assert len(image) == SIZE
+    assert image[:4096] == PATTERN * 4096  # sector 0 intact
+    assert image[4096:8192] == bytes(4096)
+    assert image[8192:] == PATTERN * (SIZE - 8192)
+
+
+@TRANSPORTS
+def test_a_real_truncate_to_zero_is_still_refused(tmp_path, mount, write_spec, transport) -> None:
+    """Only the O_TRUNC of an open is ignored: truncate(2) and ftruncate(2) say no."""
+    m = _mount(tmp_path, mount, write_spec, transport)
+    disk = m.path("vm0.img")
+    with pytest.raises(OSError) as e:
+        os.truncate(disk, 0)
+    assert e.value.errno == errno.EINVAL
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        with pytest.raises(OSError):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+    assert os.path.getsize(disk) == SIZE
