@@ -109,9 +109,20 @@ def access_options(allow_other: bool) -> list[str]:
     return ["default_permissions", *(["allow_other"] if allow_other else [])]
 
 
+def escape_option(value: str) -> str:
+    """A value inside a comma-separated -o list, as fusermount3 and libfuse read one:
+    a comma is escaped with a backslash, and so is a backslash.  A spec named
+    `x,ro` must not mount read-only, nor `y,allow_other` open the mount to everyone."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def mount_options(fsname: str, subtype: str, allow_other: bool) -> list[str]:
     """The -o options of a helper (fusermount3, libfuse): names, then access."""
-    return [f"fsname={fsname}", f"subtype={subtype}", *access_options(allow_other)]
+    return [
+        f"fsname={escape_option(fsname)}",
+        f"subtype={escape_option(subtype)}",
+        *access_options(allow_other),
+    ]
 
 
 def canonical(mountpoint: Path) -> Path:
