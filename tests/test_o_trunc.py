@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,28 @@ def test_o_trunc_does_not_make_a_running_aio_reader_see_zeroes(
     finally:
         reader.close()
     assert os.path.getsize(disk) == SIZE
+
+
+@needs("qemu-io")
+@TRANSPORTS
+def test_a_truncating_descriptor_held_open_does_not_hide_the_disk(
+    tmp_path, mount, write_spec, transport
+) -> None:
+    """`exec 3> vm0.img` opens with O_TRUNC and keeps the descriptor, sending nothing
+    more: within moments (pyfuse3 pushes the size back on timers), readers see the disk."""
+    m = _mount(tmp_path, mount, write_spec, transport)
+    disk = m.path("vm0.img")
+    reader = QemuIo(disk)
+    assert "verification failed" not in reader.read_pattern(0, 4096)  # it has the disk open
+    held = os.open(disk, os.O_WRONLY | os.O_TRUNC)
+    try:
+        deadline = time.monotonic() + 5
+        while "verification failed" in (out := reader.read_pattern(MiB, 4096)):
+            assert time.monotonic() < deadline, out
+            time.sleep(0.1)
+    finally:
+        os.close(held)
+        reader.close()
 
 
 @TRANSPORTS
