@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
+from fusedisk.fuse.o_trunc import SizeKeeper
+from fusedisk.graph.graph import Graph
+from fusedisk.spec import parse_spec
 from tests.conftest import make_image, needs, raw_spec, run
 from tests.mounting import Mount
 
@@ -24,11 +28,12 @@ MiB = 1 << 20
 SIZE = 16 * MiB
 PATTERN = b"\xab"
 
-pytestmark = [pytest.mark.mount, pytest.mark.timeout(90)]
+pytestmark = pytest.mark.timeout(90)
 
 TRANSPORTS = pytest.mark.parametrize(
     "transport", [(), ("--transport", "pyfuse3")], ids=["kernel", "pyfuse3"]
 )
+MOUNT = pytest.mark.mount
 
 
 class QemuIo:
@@ -66,6 +71,7 @@ def _mount(tmp_path: Path, mount, write_spec, transport: tuple[str, ...]) -> Mou
 
 @needs("qemu-io")
 @TRANSPORTS
+@MOUNT
 def test_o_trunc_does_not_make_a_running_aio_reader_see_zeroes(
     tmp_path, mount, write_spec, transport
 ) -> None:
@@ -85,6 +91,7 @@ def test_o_trunc_does_not_make_a_running_aio_reader_see_zeroes(
 
 @needs("qemu-io")
 @TRANSPORTS
+@MOUNT
 def test_a_truncating_descriptor_held_open_does_not_hide_the_disk(
     tmp_path, mount, write_spec, transport
 ) -> None:
@@ -106,6 +113,7 @@ def test_a_truncating_descriptor_held_open_does_not_hide_the_disk(
 
 
 @TRANSPORTS
+@MOUNT
 def test_an_append_after_o_trunc_is_refused_and_sector_0_stays(
     tmp_path, mount, write_spec, transport
 ) -> None:
@@ -137,6 +145,7 @@ def test_an_append_after_o_trunc_is_refused_and_sector_0_stays(
 
 
 @TRANSPORTS
+@MOUNT
 def test_a_real_truncate_to_zero_is_still_refused(tmp_path, mount, write_spec, transport) -> None:
     """Only the O_TRUNC of an open is ignored: truncate(2) and ftruncate(2) say no."""
     m = _mount(tmp_path, mount, write_spec, transport)
@@ -151,3 +160,31 @@ def test_a_real_truncate_to_zero_is_still_refused(tmp_path, mount, write_spec, t
     finally:
         os.close(fd)
     assert os.path.getsize(disk) == SIZE
+
+
+async def test_the_size_keeper_pushes_until_the_handle_is_used(tmp_path) -> None:
+    """pyfuse3's side, without a kernel: the disk's last byte is stored (which extends the
+    kernel's cached size) on timers after the open, once more at the handle's first
+    request, and never after that or after release."""
+    make_image(tmp_path / "d0.img", SIZE, PATTERN)
+    graph = await Graph.open(parse_spec(raw_spec(), tmp_path / "spec.toml"))
+    stored: list[tuple[int, int, bytes]] = []
+    try:
+        disk = graph.disks["vm0"]
+        keeper = SizeKeeper(lambda inode, offset, data: stored.append((inode, offset, data)))
+        async with trio.open_nursery() as nursery:
+            keeper.opened(nursery, 7, 42, disk)
+            await trio.sleep(0.1)
+            assert stored and set(stored) == {(42, SIZE - 1, PATTERN)}  # timers at 0, 5, 50 ms
+            count = len(stored)
+            await keeper.before_request(7)
+            assert len(stored) == count + 1  # the first request: the open is over
+            await keeper.before_request(7)
+            await trio.sleep(0.6)
+            assert len(stored) == count + 1  # used: no more pushes, timers stop
+            keeper.opened(nursery, 8, 43, disk)
+            keeper.released(8)
+            await trio.sleep(0.1)
+            assert all(inode == 42 for inode, _, _ in stored)  # released at once: none
+    finally:
+        await graph.close()
