@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fusedisk.errors import FuseDiskError
-from fusedisk.formats.dedup.entries import PbtEntry, pbt_entries, pbt_location
+from fusedisk.formats.dedup.entries import pbt_entries, pbt_holds, pbt_location
 from fusedisk.formats.dedup.index import (
     ContentIndex,
     bucket_checksum_ok,
@@ -293,7 +293,6 @@ async def _check_index(node: DedupVolume, report: CheckReport) -> dict[str, int]
                 except FuseDiskError as e:
                     report.error(str(e))
                     continue
-                entry = PbtEntry(page, word)
-                if entry.refcount == 0 or not entry.digest_is(tag):
+                if page.q[word] == 0 or not pbt_holds(page, word, tag):
                     stale += 1
     return {"index_entries": entries, "stale_index_entries": stale, "torn_index_buckets": torn}

@@ -3,9 +3,11 @@
     map entry   (8 bytes)   logical block -> physical block + 1; 0: reads as zeroes
     pbt entry   (32 bytes)  refcount (u64), content hash (16 bytes), reserved (u64, zero)
 
-Both are read and changed in place in their cached page (cache.py), so a
-`PbtEntry` is a view of 32 bytes of a page, not a copy; `PBT_DTYPE` is the same
-entry for bulk work over whole pages (the check, the allocator's scan).
+Both are read and changed in place in their cached page (cache.py), by the
+word `map_location` or `pbt_location` gives: the write path's hot loops do it
+per block, where an object per entry would cost about a tenth of a write's CPU
+time.  `PBT_STRUCT` spells the entry out; `PBT_DTYPE` is the same entry with
+named fields for bulk work over whole pages (the check, the allocator's scan).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ assert PBT_STRUCT.size == PBT_DTYPE.itemsize == PBT_ENTRY
 
 _WORDS = PBT_ENTRY // 8  # 64-bit words per entry
 _DIGEST_AT = 8  # byte offset of the hash in the entry
-_DIGEST_END = _DIGEST_AT + 16
+_DIGEST_LEN = 16
 _RESERVED_WORD = 3
 
 
@@ -39,7 +41,8 @@ def map_location(sb: Superblock, lbn: int) -> tuple[int, int]:
 def pbt_location(sb: Superblock, pbn: int) -> tuple[int, int]:
     """(page number, first 64-bit word) of physical block `pbn`'s table entry.
 
-    The first word is the refcount (see `PbtEntry` for the others).
+    The first word is the refcount: `page.q[word]`; the functions below read and
+    write the others in place.
     """
     return sb.pbt_first_page + pbn // PBT_PER_PAGE, (pbn % PBT_PER_PAGE) * _WORDS
 
@@ -49,35 +52,21 @@ def pbt_entries(data: bytes | bytearray) -> np.ndarray:
     return np.frombuffer(data, dtype=PBT_DTYPE)
 
 
-class PbtEntry:
-    """One physical block table entry, in place in its page (`word`: its first word)."""
+def pbt_digest(page: Page, word: int) -> bytes:
+    """The content hash of the entry at `word` (from `pbt_location`)."""
+    at = word * 8 + _DIGEST_AT
+    return bytes(page.data[at : at + _DIGEST_LEN])
 
-    __slots__ = ("page", "word")
 
-    def __init__(self, page: Page, word: int) -> None:
-        self.page = page
-        self.word = word
+def pbt_holds(page: Page, word: int, digest: bytes) -> bool:
+    """Whether the entry at `word` holds this hash, or (8 bytes) this hash tag."""
+    at = word * 8 + _DIGEST_AT
+    return page.data[at : at + len(digest)] == digest
 
-    @property
-    def refcount(self) -> int:
-        return int(self.page.q[self.word])
 
-    @refcount.setter
-    def refcount(self, value: int) -> None:
-        self.page.q[self.word] = value
-
-    @property
-    def digest(self) -> bytes:
-        at = self.word * 8
-        return bytes(self.page.data[at + _DIGEST_AT : at + _DIGEST_END])
-
-    def digest_is(self, digest: bytes) -> bool:
-        """Whether the entry holds this hash, or (8 bytes) this hash tag."""
-        at = self.word * 8 + _DIGEST_AT
-        return self.page.data[at : at + len(digest)] == digest
-
-    def fill(self, digest: bytes) -> None:
-        """A block taken into use: its hash, and the reserved word zero."""
-        at = self.word * 8
-        self.page.data[at + _DIGEST_AT : at + _DIGEST_END] = digest
-        self.page.q[self.word + _RESERVED_WORD] = 0
+def pbt_fill(page: Page, word: int, digest: bytes) -> None:
+    """A block taken into use: its hash, and the reserved word zero (the caller
+    sets the refcount)."""
+    at = word * 8 + _DIGEST_AT
+    page.data[at : at + _DIGEST_LEN] = digest
+    page.q[word + _RESERVED_WORD] = 0

@@ -16,7 +16,7 @@ from collections import Counter
 from fusedisk.errors import CorruptImage
 from fusedisk.formats.dedup.cache import Page
 from fusedisk.formats.dedup.commit import Committer
-from fusedisk.formats.dedup.entries import PbtEntry, map_location, pbt_location
+from fusedisk.formats.dedup.entries import map_location, pbt_digest, pbt_fill, pbt_location
 from fusedisk.formats.dedup.layout import Superblock
 
 #: blocks freed but not yet committed before a commit is forced
@@ -96,28 +96,47 @@ class Remapper:
         the old block; the blocks whose refcount ends at zero are returned with
         their hashes.
         """
+        sb, c, mark = self.sb, self.counters, self.cache.mark_txn_dirty
         self._check_drops(targets, olds, pbt)
         maybe_freed: list[int] = []
+        first_pno = map_pages[0].pno
         for i, target in enumerate(targets):
             if target is not None:
-                self._reference(pbt, target, target in fresh, digests[i])
+                pno, word = pbt_location(sb, target)
+                page = pbt[pno]
+                refcount = page.q[word]
+                if refcount == 0:
+                    self._take(page, word, target, target in fresh, digests[i])
+                page.q[word] = refcount + 1
+                mark(page)
             old = olds[i]
             new = 0 if target is None else target + 1
             if old != new:
-                self._remap(map_pages, first + i, old, new)
-            if old and self._dereference(pbt, old - 1):
-                maybe_freed.append(old - 1)
+                pno, word = map_location(sb, first + i)
+                mpage = map_pages[pno - first_pno]
+                mpage.q[word] = new
+                mark(mpage)
+                if not old:
+                    c.used_logical += 1
+                elif not new:
+                    c.used_logical -= 1
+            if old:
+                pno, word = pbt_location(sb, old - 1)
+                page = pbt[pno]
+                refcount = page.q[word] - 1
+                page.q[word] = refcount
+                mark(page)
+                if refcount == 0:
+                    c.used_physical -= 1
+                    self.alloc.freed(old - 1)
+                    maybe_freed.append(old - 1)
         self.committer.changed()
         freed = []
         for pbn in maybe_freed:
-            entry = self._entry(pbt, pbn)
-            if entry.refcount == 0:
-                freed.append((entry.digest, pbn))
+            pno, word = pbt_location(sb, pbn)
+            if pbt[pno].q[word] == 0:
+                freed.append((pbt_digest(pbt[pno], word), pbn))
         return freed
-
-    def _entry(self, pbt: dict[int, Page], pbn: int) -> PbtEntry:
-        pno, word = pbt_location(self.sb, pbn)
-        return PbtEntry(pbt[pno], word)
 
     def _check_drops(
         self, targets: list[int | None], olds: list[int], pbt: dict[int, Page]
@@ -126,47 +145,21 @@ class Remapper:
         drops = Counter(o - 1 for o in olds if o)
         adds = Counter(t for t in targets if t is not None)
         for pbn, k in drops.items():
-            refcount = self._entry(pbt, pbn).refcount
+            pno, word = pbt_location(self.sb, pbn)
+            refcount = pbt[pno].q[word]
             if refcount + adds.get(pbn, 0) < k:
                 raise CorruptImage(
                     f"node '{self.name}': physical block {pbn} has refcount {refcount} but "
                     f"{k} logical blocks being rewritten map to it"
                 )
 
-    def _reference(self, pbt: dict[int, Page], pbn: int, fresh: bool, digest: bytes | None) -> None:
-        """One more logical block maps to `pbn` (a fresh block gets its hash)."""
-        entry = self._entry(pbt, pbn)
-        refcount = entry.refcount
-        if refcount == 0:
-            if fresh:
-                assert digest is not None
-                entry.fill(digest)
-                self.alloc.consumed(pbn)
-            else:
-                self.alloc.revived(pbn)
-            self.counters.used_physical += 1
-        entry.refcount = refcount + 1
-        self.cache.mark_txn_dirty(entry.page)
-
-    def _remap(self, map_pages: list[Page], lbn: int, old: int, new: int) -> None:
-        """Point logical block `lbn`'s map entry at `new` (physical block + 1, or 0)."""
-        pno, word = map_location(self.sb, lbn)
-        page = map_pages[pno - map_pages[0].pno]
-        page.q[word] = new
-        self.cache.mark_txn_dirty(page)
-        if not old:
-            self.counters.used_logical += 1
-        elif not new:
-            self.counters.used_logical -= 1
-
-    def _dereference(self, pbt: dict[int, Page], pbn: int) -> bool:
-        """One logical block fewer maps to `pbn`; whether it is now free."""
-        entry = self._entry(pbt, pbn)
-        refcount = entry.refcount - 1
-        entry.refcount = refcount
-        self.cache.mark_txn_dirty(entry.page)
-        if refcount:
-            return False
-        self.counters.used_physical -= 1
-        self.alloc.freed(pbn)
-        return True
+    def _take(self, page: Page, word: int, pbn: int, fresh: bool, digest: bytes | None) -> None:
+        """A block whose refcount is zero comes into use: a fresh one gets its hash, a
+        freed one (not yet committed as free) is revived."""
+        if fresh:
+            assert digest is not None
+            pbt_fill(page, word, digest)
+            self.alloc.consumed(pbn)
+        else:
+            self.alloc.revived(pbn)
+        self.counters.used_physical += 1

@@ -27,7 +27,7 @@ import numpy as np
 
 from fusedisk.errors import IOFailure
 from fusedisk.formats.dedup.commit import Committer
-from fusedisk.formats.dedup.entries import PbtEntry, pbt_location
+from fusedisk.formats.dedup.entries import pbt_holds, pbt_location
 from fusedisk.formats.dedup.index import ContentIndex
 from fusedisk.formats.dedup.layout import Superblock
 from fusedisk.formats.dedup.remap import Remapper
@@ -201,8 +201,8 @@ class WritePipeline:
             if pbn in exclude:
                 continue
             pno, word = pbt_location(self.sb, pbn)
-            entry = PbtEntry(await self.cache.get(pno), word)
-            if entry.refcount == 0 or not entry.digest_is(digest):
+            page = await self.cache.get(pno)
+            if page.q[word] == 0 or not pbt_holds(page, word, digest):
                 continue  # stale entry: freed, or reused for other data
             self.alloc.pin(pbn)
             return pbn
