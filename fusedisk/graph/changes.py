@@ -25,7 +25,7 @@ from fusedisk.errors import SpecError
 from fusedisk.graph.node import Role
 from fusedisk.graph.registry import default_options, drivers, overlay_driver
 from fusedisk.hostio.files import create_file, fsync_folder
-from fusedisk.spec import NodeSpec, Spec
+from fusedisk.spec_types import NodeSpec, Spec
 
 STATE_VERSION = 1
 

@@ -19,7 +19,7 @@ from fusedisk.formats.dedup.check import CheckReport
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.registry import default_options
 from fusedisk.hostio.files import create_file, read_head
-from fusedisk.spec import DiskSpec, NodeSpec, Spec
+from fusedisk.spec_types import DiskSpec, NodeSpec, Spec
 
 _NODE = "dedup"
 
