@@ -71,3 +71,12 @@ def to_errno(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return _errno.EIO
+
+
+def describe(exc: BaseException) -> str:
+    """`exc` as the end of a sentence: an OSError without its `[Errno N]` prefix
+    (`'/images/d0.s1.qcow2': File name too long`), anything else as it reads."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename
+        return f"'{where}': {exc.strerror}" if where is not None else exc.strerror
+    return str(exc)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
-from fusedisk.errors import ControlError, FuseDiskError
+from fusedisk.errors import ControlError, FuseDiskError, describe
 from fusedisk.graph.transaction import ChangeLog, Transaction
 
 if TYPE_CHECKING:
@@ -41,6 +41,15 @@ log = logging.getLogger("fusedisk")
 
 class JobError(ControlError):
     pass
+
+
+def _as_sentence(job: Job, error: OSError) -> JobError:
+    """A host error of a job as the one sentence the writer's `last-error` shows,
+    with the host's errno (ENAMETOOLONG, ENOSPC...) for the writer."""
+    failure = JobError(f"disk '{job.disk.name}': {job.kind} failed: {describe(error)}")
+    if error.errno:
+        failure.errno = error.errno
+    return failure
 
 
 class Busy(ControlError):
@@ -169,9 +178,13 @@ class Jobs:
             await job.prepare()
         except BaseException as e:
             await self._finish(job, e)
+            if isinstance(e, OSError):
+                raise _as_sentence(job, e) from e
             raise
         if not job.background:
             await self._run(job)
+            if isinstance(job.exception, OSError):
+                raise _as_sentence(job, job.exception) from job.exception
             if job.exception is not None:
                 raise job.exception
             return job
@@ -196,8 +209,8 @@ class Jobs:
             job.state, job.error = "cancelled", "cancelled"
         elif error is not None:
             job.state, job.exception = "failed", error
-            if isinstance(error, FuseDiskError):
-                job.error = str(error)
+            if isinstance(error, FuseDiskError | OSError):
+                job.error = describe(error)  # a refusal or a host error: no traceback
             else:
                 job.error = f"{type(error).__name__}: {error}"
                 log.error("disk '%s': %s failed", job.disk.name, job.kind, exc_info=error)
