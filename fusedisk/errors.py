@@ -77,6 +77,10 @@ def describe(exc: BaseException) -> str:
     """`exc` as the end of a sentence: an OSError without its `[Errno N]` prefix
     (`'/images/d0.s1.qcow2': File name too long`), anything else as it reads."""
     if isinstance(exc, OSError) and exc.strerror:
-        where = exc.filename
-        return f"'{where}': {exc.strerror}" if where is not None else exc.strerror
+        if exc.filename is None:
+            return exc.strerror
+        where = f"'{exc.filename}'"
+        if exc.filename2 is not None:  # rename, link: both files
+            where += f" -> '{exc.filename2}'"
+        return f"{where}: {exc.strerror}"
     return str(exc)
