@@ -57,8 +57,9 @@ def _old_scheme_stem(snapshot: str, overlay: dict[str, Any]) -> str:
     return name[: -len(suffix)] if name.endswith(suffix) else Path(name).stem
 
 
-def family(changes: list[dict[str, Any]], base: str, base_image: Path) -> tuple[str, str]:
-    """(file stem, node stem) of the overlays put above node `base` (image `base_image`)."""
+def family(changes: list[dict[str, Any]], base: str, base_stem: str) -> tuple[str, str]:
+    """(file stem, node stem) of the overlays put above node `base`, whose own image
+    is named `base_stem` (`d0` for images/d0.qcow2, the node's name for an rbd leaf)."""
     overlays = recorded_overlays(changes)
     name, seen = base, set()
     while name in overlays and name not in seen:
@@ -69,7 +70,7 @@ def family(changes: list[dict[str, Any]], base: str, base_image: Path) -> tuple[
         if overlay["base"] not in overlays:  # the bottom of an old-scheme chain
             return bounded(_old_scheme_stem(snapshot, overlay)), bounded(overlay["base"])
         name = overlay["base"]
-    return bounded(base_image.stem), bounded(base)
+    return bounded(base_stem), bounded(base)
 
 
 def overlay_names(

@@ -83,16 +83,41 @@ def image_of(node: Node) -> Path:
 
 def leaf_driver(node: Node) -> str:
     """The driver of the leaf that holds a format node's image: an overlay beside it
-    is opened with the same one (no driver is named here)."""
+    is opened with the same one (no driver is named here).  An overlay of a network
+    leaf (a `protocol` such as rbd) is a host file: `file`."""
+    if is_network_leaf(node):
+        return "file"
     image_of(node)
     return node.children["file"].node.driver
+
+
+def is_network_leaf(node: Node) -> bool:
+    """A leaf whose image lives in a store named `PROTO:...` (rbd), not a host file."""
+    return node.protocol is not None and not node.children
+
+
+def overlay_place(node: Node, spec_folder: Path) -> tuple[Path, str]:
+    """(folder, stem) an overlay of `node` is named from (graph/naming.py): beside its
+    image file, or for a network leaf, in the spec's folder, named after the node."""
+    if is_network_leaf(node):
+        return spec_folder, node.name
+    image = image_of(node)
+    return image.parent, image.stem
+
+
+def backing_reference(base: Node, overlay: Path) -> tuple[str, str]:
+    """(name, format) an overlay's header gives for `base`: its image file relative to
+    the overlay's folder, or a network leaf's own name (QEMU's `rbd:pool/image:...`)
+    in raw format, so QEMU's tools can follow the chain."""
+    if is_network_leaf(base):
+        return base.backing_name(), "raw"  # type: ignore[attr-defined]
+    return os.path.relpath(image_of(base), overlay.parent), base.driver
 
 
 @dataclass
 class _Plan:
     edge: Edge
     base: Node
-    image: Path
     overlay: Path
     node_name: str
     stems: tuple[str, str]
@@ -146,7 +171,7 @@ class SnapshotJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.start.node))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         graph, name = self.graph, self.target
         if len(name) > MAX_NAME:
             raise SnapshotError(
@@ -172,24 +197,20 @@ class SnapshotJob(Job):
         taken_files: set[Path] = set()
         taken_nodes = taken_node_names(self.graph, changes)
         for edge in snapshot_points(self.start):
-            image = image_of(edge.node)
-            stems = family(changes, edge.node.name, image)
-            path, node = overlay_names(image.parent, stems, self.target, taken_files, taken_nodes)
+            folder, stem = overlay_place(edge.node, self.graph.spec.base_dir)
+            stems = family(changes, edge.node.name, stem)
+            path, node = overlay_names(folder, stems, self.target, taken_files, taken_nodes)
             taken_files.add(path)
             taken_nodes.update((node, f"{node}.file"))
-            self.plans.append(_Plan(edge, edge.node, image, path, node, stems))
+            self.plans.append(_Plan(edge, edge.node, path, node, stems))
 
     async def _make_overlays(self) -> None:
         driver = overlay_driver()
         overlays = []
         for plan in self.plans:
             self.txn.undo_later(partial(plan.overlay.unlink, missing_ok=True))
-            driver.create_overlay(
-                plan.overlay,
-                plan.base.size,
-                os.path.relpath(plan.image, plan.overlay.parent),
-                plan.base.driver,
-            )
+            backing, backing_format = backing_reference(plan.base, plan.overlay)
+            driver.create_overlay(plan.overlay, plan.base.size, backing, backing_format)
             overlays.append(
                 {"node": plan.node_name, "base": plan.base.name, "filename": str(plan.overlay),
                  "driver": driver.driver, "file-driver": leaf_driver(plan.base),
@@ -215,7 +236,7 @@ class SnapshotJob(Job):
             self.txn.undo_later(partial(self.graph.remove_node, node))
             self.opened.append(node)
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         steps: list[Step] = []
         for plan, node in zip(self.plans, self.opened, strict=True):
             steps.append(repoint(plan.edge, node))
