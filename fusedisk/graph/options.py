@@ -24,8 +24,9 @@ _SIZE_SUFFIXES = {
     "g": 1 << 30,
     "t": 1 << 40,
     "p": 1 << 50,
+    "e": 1 << 60,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpb]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpeb]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
 class OptionValueError(ValueError):

@@ -299,7 +299,7 @@ class HostFile:
             await self.behind.drain()
 
     async def read(self, offset: int, length: int) -> bytes:
-        if self.behind is not None and self.behind.busy:
+        if self.behind is not None and (self.behind.busy or self.behind.failed):
             await self.behind.before_read(offset, length)
         if self._nowait_reads and length <= FAST_READ_MAX:
             data = self._read_cached(offset, length)
@@ -336,6 +336,8 @@ class HostFile:
             return None
 
     async def write(self, offset: int, data: Buffer) -> None:
+        if self.behind is not None and self.behind.failed:
+            self.behind.check()  # a failed file takes no write, even one that could go inline
         if self._nowait_writes and not (self.behind is not None and self.behind.busy):
             try:
                 n = os.pwritev(self.fd, [data], offset, os.RWF_NOWAIT)
