@@ -15,7 +15,7 @@ from fusedisk.errors import ControlError, SpecError
 from fusedisk.graph.changes import state_path
 from fusedisk.graph.commit import start_commit
 from fusedisk.graph.graph import Graph
-from fusedisk.graph.jobs import Busy, Job
+from fusedisk.graph.jobs import Busy, Job, JobError
 from fusedisk.graph.snapshot import take_snapshot
 from fusedisk.graph.transaction import Step, Transaction
 from fusedisk.spec import parse_spec
@@ -123,8 +123,9 @@ async def test_a_snapshot_whose_record_fails_leaves_the_graph_and_files_as_they_
             raise OSError(errno.EIO, "Input/output error")
 
         graph.commit_record = fail  # type: ignore[method-assign]
-        with pytest.raises(OSError):
-            await take_snapshot(graph, disk, disk.root, "s1")
+        with pytest.raises(JobError, match="snapshot failed: Input/output error") as err:
+            await take_snapshot(graph, disk, disk.root, "s1")  # one sentence, the host's errno
+        assert err.value.errno == errno.EIO
         assert disk.top.name == "d0" and not disk.top.read_only
         assert "d0.s1" not in graph.nodes and not (tmp_path / "d0.s1.qcow2").exists()
         await disk.write(0, b"y" * 512)

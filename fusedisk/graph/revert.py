@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusedisk.errors import FuseDiskError
+from fusedisk.errors import FuseDiskError, describe
 from fusedisk.graph.chain import (
     backing_of,
     rename_node,
@@ -81,7 +81,9 @@ class RevertJob(Job):
             for node, base, path in self.targets:
                 await self._fresh_overlay(node, base, path)
         except (FuseDiskError, OSError) as e:
-            raise JobError(f"disk '{disk.name}': revert to '{record['name']}' failed: {e}") from e
+            raise JobError(
+                f"disk '{disk.name}': revert to '{record['name']}' failed: {describe(e)}"
+            ) from e
 
     async def _fresh_overlay(self, node: Node, base: Node, path: Path) -> None:
         graph = self.graph
