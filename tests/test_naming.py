@@ -6,6 +6,8 @@ import errno
 from pathlib import Path
 
 from fusedisk.errors import describe
+from fusedisk.graph import graph as _graph  # noqa: F401  (the record kinds)
+from fusedisk.graph.changes import Change
 from fusedisk.graph.naming import PART_BYTES, bounded, family, overlay_names
 
 
@@ -20,9 +22,10 @@ def test_bounded_keeps_short_names_and_cuts_long_ones_with_a_hash() -> None:
     bounded(wide).encode().decode()
 
 
-def _snapshot(name: str, node: str, base: str, filename: str, **extra: str) -> dict:
+def _snapshot(name: str, node: str, base: str, filename: str, **extra: str) -> Change:
     overlay = {"node": node, "base": base, "filename": filename, **extra}
-    return {"op": "snapshot", "name": name, "disk": "vm0", "overlays": [overlay]}
+    record = {"op": "snapshot", "name": name, "disk": "vm0", "overlays": [overlay]}
+    return Change.from_record(record, Path("spec.toml.state.json"))
 
 
 def test_the_family_of_a_new_or_an_old_scheme_chain() -> None:

@@ -21,7 +21,9 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+
+from fusedisk.graph.changes import Change
+from fusedisk.graph.snapshot_record import OverlayRecord, snapshots
 
 #: bytes of a stem or snapshot name kept whole; a file name stays under ~120 bytes
 PART_BYTES = 48
@@ -40,24 +42,23 @@ def bounded(text: str, limit: int = PART_BYTES) -> str:
     return f"{keep}-{digest}"
 
 
-def recorded_overlays(changes: Iterable[dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+def recorded_overlays(changes: Iterable[Change]) -> dict[str, tuple[str, OverlayRecord]]:
     """Overlay node -> (snapshot name, its overlay record), the newest record of a name."""
     return {
-        overlay["node"]: (change["name"], overlay)
-        for change in changes
-        if change.get("op") == "snapshot"
-        for overlay in change.get("overlays", [])
+        overlay.node: (change.name, overlay)
+        for change in snapshots(changes)
+        for overlay in change.overlays
     }
 
 
-def _old_scheme_stem(snapshot: str, overlay: dict[str, Any]) -> str:
+def _old_scheme_stem(snapshot: str, overlay: OverlayRecord) -> str:
     """The base's file stem of an overlay named `<base stem>.<snapshot>.qcow2`."""
-    name = Path(overlay["filename"]).name
+    name = Path(overlay.filename).name
     suffix = f".{snapshot}.qcow2"
     return name[: -len(suffix)] if name.endswith(suffix) else Path(name).stem
 
 
-def family(changes: list[dict[str, Any]], base: str, base_stem: str) -> tuple[str, str]:
+def family(changes: list[Change], base: str, base_stem: str) -> tuple[str, str]:
     """(file stem, node stem) of the overlays put above node `base`, whose own image
     is named `base_stem` (`d0` for images/d0.qcow2, the node's name for an rbd leaf)."""
     overlays = recorded_overlays(changes)
@@ -65,11 +66,11 @@ def family(changes: list[dict[str, Any]], base: str, base_stem: str) -> tuple[st
     while name in overlays and name not in seen:
         seen.add(name)
         snapshot, overlay = overlays[name]
-        if "stem" in overlay and "node-stem" in overlay:
-            return overlay["stem"], overlay["node-stem"]
-        if overlay["base"] not in overlays:  # the bottom of an old-scheme chain
-            return bounded(_old_scheme_stem(snapshot, overlay)), bounded(overlay["base"])
-        name = overlay["base"]
+        if overlay.stem is not None and overlay.node_stem is not None:
+            return overlay.stem, overlay.node_stem
+        if overlay.base not in overlays:  # the bottom of an old-scheme chain
+            return bounded(_old_scheme_stem(snapshot, overlay)), bounded(overlay.base)
+        name = overlay.base
     return bounded(base_stem), bounded(base)
 
 

@@ -62,19 +62,19 @@ class RevertJob(Job):
     async def setup(self) -> None:
         graph, disk = self.graph, self.disk
         record = snapshot_record(graph, disk, self.name, "revert")
-        self.target = record["name"]
+        self.target = record.name
         links = overlay_links(load_changes(graph.spec.path))
         in_disk = {id(n) for n in walk(disk.top)}
-        for overlay in record["overlays"]:
-            node = graph.nodes.get(overlay["node"])
-            if node is None or id(node) not in in_disk or links.get(node.name) != overlay["base"]:
+        for overlay in record.overlays:
+            node = graph.nodes.get(overlay.node)
+            if node is None or id(node) not in in_disk or links.get(node.name) != overlay.base:
                 continue
             if user_edge(node).role == Role.BACKING:
                 continue  # a newer snapshot covers it
             self.targets.append((node, backing_of(node), image_of(node)))
         if not self.targets:
             raise JobError(
-                f"disk '{disk.name}': revert: no overlay of snapshot '{record['name']}' is the "
+                f"disk '{disk.name}': revert: no overlay of snapshot '{record.name}' is the "
                 "active layer (revert or commit the newer snapshots first)"
             )
         try:
@@ -82,7 +82,7 @@ class RevertJob(Job):
                 await self._fresh_overlay(node, base, path)
         except (FuseDiskError, OSError) as e:
             raise JobError(
-                f"disk '{disk.name}': revert to '{record['name']}' failed: {describe(e)}"
+                f"disk '{disk.name}': revert to '{record.name}' failed: {describe(e)}"
             ) from e
 
     async def _fresh_overlay(self, node: Node, base: Node, path: Path) -> None:

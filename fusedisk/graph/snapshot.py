@@ -23,15 +23,16 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fusedisk.errors import ControlError, FuseDiskError, describe
-from fusedisk.graph.changes import live_snapshots, load_changes, overlay_specs
+from fusedisk.graph.changes import Change, load_changes
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.jobs import Job
 from fusedisk.graph.naming import family, overlay_names, recorded_overlays
 from fusedisk.graph.node import GraphOp, Node, Role, walk
 from fusedisk.graph.registry import overlay_driver
+from fusedisk.graph.snapshot_record import OverlayRecord, SnapshotChange, live_snapshots
 from fusedisk.graph.transaction import Step
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class _Plan:
     stems: tuple[str, str]
 
 
-def taken_node_names(graph: Graph, changes: list[dict[str, Any]]) -> set[str]:
+def taken_node_names(graph: Graph, changes: list[Change]) -> set[str]:
     """Every node name a new overlay must not take: the graph's, the spec's, and
     every overlay the change log ever recorded (and its file node)."""
     recorded = recorded_overlays(changes)
@@ -166,7 +167,7 @@ class SnapshotJob(Job):
         self.start = start
         self.plans: list[_Plan] = []
         self.opened: list[Node] = []
-        self.record: dict[str, Any] = {}
+        self.record: SnapshotChange | None = None
 
     def claims(self) -> list[Node]:
         return list(walk(self.start.node))
@@ -180,7 +181,7 @@ class SnapshotJob(Job):
         if not _SNAPSHOT_NAME.match(name):
             raise SnapshotError(f"snapshot name {name!r}: use letters, digits and _ . + - only")
         changes = load_changes(graph.spec.path)
-        if any(c.get("name") == name for c in changes):
+        if any(isinstance(c, SnapshotChange) and c.name == name for c in changes):
             raise SnapshotError(
                 f"disk '{self.disk.name}': a snapshot named '{name}' exists already"
             )
@@ -192,7 +193,7 @@ class SnapshotJob(Job):
                 f"disk '{self.disk.name}': snapshot '{name}' failed: {describe(e)}"
             ) from e
 
-    def _plan(self, changes: list[dict[str, Any]]) -> None:
+    def _plan(self, changes: list[Change]) -> None:
         """Where each overlay goes and its names (graph/naming.py)."""
         taken_files: set[Path] = set()
         taken_nodes = taken_node_names(self.graph, changes)
@@ -212,19 +213,14 @@ class SnapshotJob(Job):
             backing, backing_format = backing_reference(plan.base, plan.overlay)
             driver.create_overlay(plan.overlay, plan.base.size, backing, backing_format)
             overlays.append(
-                {"node": plan.node_name, "base": plan.base.name, "filename": str(plan.overlay),
-                 "driver": driver.driver, "file-driver": leaf_driver(plan.base),
-                 "stem": plan.stems[0], "node-stem": plan.stems[1]}
+                OverlayRecord(plan.node_name, plan.base.name, str(plan.overlay), driver.driver,
+                              leaf_driver(plan.base), plan.stems[0], plan.stems[1])
             )  # fmt: skip
-        self.record = {
-            "op": "snapshot",
-            "name": self.target,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "disk": self.disk.name,
-            "overlays": overlays,
-        }
+        self.record = SnapshotChange(
+            self.target, time.strftime("%Y-%m-%dT%H:%M:%S%z"), self.disk.name, tuple(overlays)
+        )
         for plan, overlay in zip(self.plans, overlays, strict=True):
-            file_spec, image_spec = overlay_specs(overlay)
+            file_spec, image_spec = overlay.node_specs()
             file_node = await self.graph.add_node(
                 file_spec.name, file_spec.driver, file_spec.options, {}
             )
@@ -246,10 +242,11 @@ class SnapshotJob(Job):
                  ", ".join(str(p.overlay) for p in self.plans))  # fmt: skip
 
 
-async def take_snapshot(graph: Graph, disk: Disk, start: Edge, name: str) -> dict[str, Any]:
+async def take_snapshot(graph: Graph, disk: Disk, start: Edge, name: str) -> SnapshotChange:
     """Take snapshot `name` below `start` as a job of the graph; returns the record."""
     job = SnapshotJob(graph, disk, start, name)
     await graph.jobs.start(job)
+    assert job.record is not None
     return job.record
 
 
@@ -258,6 +255,6 @@ def list_snapshots(graph: Graph, disk: Disk) -> str:
     merged away by a commit or a stream is no longer listed)."""
     lines = []
     for change in live_snapshots(load_changes(graph.spec.path), disk.name):
-        files = " ".join(o["filename"] for o in change["overlays"])
-        lines.append(f"{change['name']}\t{change['time']}\t{files}")
+        files = " ".join(o.filename for o in change.overlays)
+        lines.append(f"{change.name}\t{change.time}\t{files}")
     return "".join(f"{line}\n" for line in lines)
