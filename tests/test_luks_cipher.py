@@ -272,13 +272,14 @@ def test_cipher_spec_splits_like_cryptsetup():
 @pytest.mark.parametrize("key_bytes", [32, 64])
 @pytest.mark.parametrize("first", [0, 5, (1 << 40) + 3])
 def test_xts_4096_byte_sectors_match_one_xts_per_sector(key_bytes: int, first: int):
-    """LUKS2 sector_size 4096: the IV is the 4096-byte sector's number and the tweak runs
-    over all 256 blocks; checked against one plain XTS context per sector (OpenSSL)."""
+    """LUKS2 sector_size 4096: the IV counts 512-byte units (sector i: first + 8i, as
+    cryptsetup does) and the tweak runs over all 256 blocks; checked against one plain
+    XTS context per sector (OpenSSL)."""
     key, data = os.urandom(key_bytes), os.urandom(4096 * 300)
     sc = make_sector_cipher("aes", "xts-plain64", key, 4096)
     out = sc.encrypt(first, data)
     ref = b"".join(
-        Cipher(algorithms.AES(key), modes.XTS((first + i).to_bytes(16, "little")))
+        Cipher(algorithms.AES(key), modes.XTS((first + 8 * i).to_bytes(16, "little")))
         .encryptor()
         .update(data[i * 4096 : (i + 1) * 4096])
         for i in range(300)
@@ -294,7 +295,7 @@ def test_cbc_4096_byte_sectors_chain_over_the_whole_sector():
     sc = make_sector_cipher("aes", "cbc-plain64", key, 4096)
     out = sc.encrypt(9, data)
     ref = b"".join(
-        Cipher(algorithms.AES(key), modes.CBC((9 + i).to_bytes(16, "little")))
+        Cipher(algorithms.AES(key), modes.CBC((9 + 8 * i).to_bytes(16, "little")))
         .encryptor()
         .update(data[i * 4096 : (i + 1) * 4096])
         for i in range(3)

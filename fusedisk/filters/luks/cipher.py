@@ -19,8 +19,11 @@ aes-cbc-<iv>: decryption is one ECB pass (P[j] = D(C[j]) ⊕ C[j-1]); encryption
 is chained inside a sector, so it runs 32 ECB passes per request, each over
 the j-th block of every sector at once.
 
-Sectors of 4096 bytes (LUKS2's `sector_size`): the IV is the number of the
-4096-byte sector, and the tweak runs on over its 256 blocks.  A 4096-byte
+Sectors of 4096 bytes (LUKS2's `sector_size`): the tweak runs on over the
+sector's 256 blocks, and the IV still counts 512-byte units (dm-crypt
+without `iv_large_sectors`, as cryptsetup sets up LUKS2: 4096-byte sector k
+of the segment has IV 8k + iv_tweak; measured against cryptsetup's own
+re-encryption).  A 4096-byte
 sector is worked as 8 runs of 32 blocks whose first tweaks are T·α^(32m),
 m = 0..7 (one vectorised multiplication by α^32 each), so the machinery
 above serves both sizes, with 8× fewer IVs and tweak encryptions per byte.
@@ -67,27 +70,27 @@ def _ecb_decryptor(key: bytes) -> CipherContext:
 # -- IV generators -------------------------------------------------------------
 
 
-def _sector_numbers(first: int, count: int) -> np.ndarray:
+def _sector_numbers(first: int, count: int, step: int = 1) -> np.ndarray:
     """(count, 2) little-endian u64: the sector numbers in the low word, zero high word."""
     ivs = np.zeros((count, 2), dtype=_U64)
-    ivs[:, 0] = np.arange(first, first + count, dtype=np.uint64)
+    ivs[:, 0] = np.arange(first, first + count * step, step, dtype=np.uint64)
     return ivs
 
 
 class IvGen:
-    """Makes the 16-byte IVs of `count` sectors from `first` on, as one buffer."""
+    """Makes the 16-byte IVs of `count` sectors from `first` on, `step` apart, as one buffer."""
 
     name = ""
 
-    def ivs(self, first: int, count: int) -> np.ndarray:
+    def ivs(self, first: int, count: int, step: int = 1) -> np.ndarray:
         raise NotImplementedError
 
 
 class PlainIv(IvGen):
     name = "plain"
 
-    def ivs(self, first: int, count: int) -> np.ndarray:
-        ivs = _sector_numbers(first, count)
+    def ivs(self, first: int, count: int, step: int = 1) -> np.ndarray:
+        ivs = _sector_numbers(first, count, step)
         ivs[:, 0] &= np.uint64(0xFFFFFFFF)
         return ivs
 
@@ -95,24 +98,24 @@ class PlainIv(IvGen):
 class Plain64Iv(IvGen):
     name = "plain64"
 
-    def ivs(self, first: int, count: int) -> np.ndarray:
-        return _sector_numbers(first, count)
+    def ivs(self, first: int, count: int, step: int = 1) -> np.ndarray:
+        return _sector_numbers(first, count, step)
 
 
 class Plain64BeIv(IvGen):
     name = "plain64be"
 
-    def ivs(self, first: int, count: int) -> np.ndarray:
+    def ivs(self, first: int, count: int, step: int = 1) -> np.ndarray:
         ivs = np.zeros((count, 2), dtype=_U64)
         # The big-endian sector number sits in the last 8 bytes of the IV.
-        ivs[:, 1] = np.arange(first, first + count, dtype=np.uint64).byteswap()
+        ivs[:, 1] = np.arange(first, first + count * step, step, dtype=np.uint64).byteswap()
         return ivs
 
 
 class NullIv(IvGen):
     name = "null"
 
-    def ivs(self, first: int, count: int) -> np.ndarray:
+    def ivs(self, first: int, count: int, step: int = 1) -> np.ndarray:
         return np.zeros((count, 2), dtype=_U64)
 
 
@@ -129,11 +132,11 @@ class EssivIv(IvGen):
         self._salt = salt
         self._local = threading.local()
 
-    def ivs(self, first: int, count: int) -> np.ndarray:
+    def ivs(self, first: int, count: int, step: int = 1) -> np.ndarray:
         ctx = getattr(self._local, "ctx", None)
         if ctx is None:
             ctx = self._local.ctx = _ecb_encryptor(self._salt)
-        plain = _sector_numbers(first, count)
+        plain = _sector_numbers(first, count, step)
         return np.frombuffer(ctx.update(plain.tobytes()), dtype=_U64).reshape(count, 2)
 
 
@@ -291,9 +294,10 @@ class _Workspace(threading.local):
 class SectorCipher:
     """Encrypts and decrypts whole runs of sectors of one area.
 
-    `encrypt(sector, data)` / `decrypt(sector, data)`: `sector` is the number
-    of the first sector of `data` in units of `sector_size` (used for the
-    IVs), `len(data)` a multiple of `sector_size`; the result is a new buffer.
+    `encrypt(sector, data)` / `decrypt(sector, data)`: `sector` is the IV
+    sector of the first sector of `data`, counted in 512-byte units whatever
+    `sector_size` is; `len(data)` is a multiple of `sector_size`; the result
+    is a new buffer.
     Thread-safe: each thread gets its own contexts and buffers, so large
     requests may run on worker threads (cryptography and numpy release the GIL on large buffers).
     """
@@ -349,7 +353,7 @@ class SectorCipher:
             count = min(step, n // 8 - start) * 8 // size
             self._chunk(
                 ws,
-                sector + start * 8 // size,
+                sector + start * 8 // SECTOR,
                 count,
                 src[start : start + step],
                 dst[start : start + step],
@@ -426,7 +430,7 @@ class XtsCipher(SectorCipher):
         dst: np.ndarray,
         encrypting: bool,
     ) -> None:
-        ivs = self._ivgen.ivs(sector, count)
+        ivs = self._ivgen.ivs(sector, count, self.runs)
         tweak_ecb = self._context(ws, "tweak", self._k2, True)
         first = np.frombuffer(tweak_ecb.update(ivs.tobytes()), dtype=_U64).reshape(count, 2)
         first = run_starts(first, self.runs)
@@ -465,7 +469,7 @@ class CbcCipher(SectorCipher):
         dst: np.ndarray,
         encrypting: bool,
     ) -> None:
-        ivs = self._ivgen.ivs(sector, count)
+        ivs = self._ivgen.ivs(sector, count, self.runs)
         blocks = self.sector_size // BLOCK
         plain_or_cipher = src.reshape(count, blocks, 2)
         out = dst.reshape(count, blocks, 2)
