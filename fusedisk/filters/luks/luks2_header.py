@@ -47,6 +47,8 @@ _CSUM_LEN = 64
 
 _BIN = struct.Struct(">6sHQQ48s32s64s40s48sQ184s64s")  # 512 bytes
 
+_NOTHING_THERE = ("no LUKS2 magic", "the device ends before it")
+
 #: reads `length` bytes at `offset` of the device holding the header
 Reader = Callable[[int, int], Awaitable[bytes]]
 
@@ -212,9 +214,10 @@ async def read_headers(read: Reader, device_size: int, where: str) -> Luks2Heade
             copies.append(await _read_copy(read, device_size, offset, "secondary"))
             break
         except ValueError as e:
-            secondary_errors.append(str(e))
+            if len(offsets) == 1 or str(e) not in _NOTHING_THERE:
+                secondary_errors.append(f"{e} (at byte {offset})")
     else:
-        problems["secondary"] = secondary_errors[0] if len(offsets) == 1 else "none found"
+        problems["secondary"] = secondary_errors[0] if secondary_errors else "none found"
     if not copies:
         raise CorruptImage(
             f"{where}: damaged LUKS2 header: both copies are unusable (primary: "

@@ -30,6 +30,9 @@ ARGON2_MIN_MEMORY_KIB = 32
 ARGON2_MAX_PARALLEL = 4
 ARGON2_MIN_TIME = 1
 ARGON2_MAX_TIME = (1 << 32) - 1
+#: passes × memory: cryptsetup's own choices (≤ 4 GiB, a few seconds) stay far below; a
+#: hostile header past it (4 GiB × 2^20 passes...) would hold the daemon for days
+ARGON2_MAX_WORK_KIB = 64 << 20  # 64 GiB·passes, ~1-2 min here
 PBKDF2_MAX_ITERATIONS = (1 << 31) - 1  # cryptography's PBKDF2 limit
 MAX_SALT_BYTES = 1024
 #: token types cryptsetup handles itself; any other needs an external plugin
@@ -205,6 +208,11 @@ def _kdf(obj: dict[str, Any], what: str) -> Kdf:
             )
         if memory < max(ARGON2_MIN_MEMORY_KIB, 8 * cpus):
             raise MetadataError(f"{what}: Argon2 memory of {memory} KiB is below the minimum")
+        if time * memory > ARGON2_MAX_WORK_KIB:
+            raise MetadataError(
+                f"{what}: Argon2 cost of {time} passes over {memory} KiB is past fusedisk's cap "
+                f"of {ARGON2_MAX_WORK_KIB >> 20} GiB·passes; refusing to spend that long"
+            )
         return Kdf(kind, salt, time=time, memory=memory, cpus=cpus)
     raise MetadataError(f"{what}: key derivation {kind!r} is not supported")
 
@@ -212,11 +220,11 @@ def _kdf(obj: dict[str, Any], what: str) -> Kdf:
 def _keyslot(ident: int, obj: dict[str, Any]) -> Keyslot:
     what = f"keyslot {ident}"
     kind = _str(obj, "type", what)
-    af = _obj(obj.get("af"), f"{what} af")
-    area = _obj(obj.get("area"), f"{what} area")
     if kind != "luks2":
         # e.g. "reencrypt": kept as is, refused by refusals()
         return Keyslot(ident, kind, 0, 0, "", 0, 0, "", 0, Kdf("none", b""), 0)
+    af = _obj(obj.get("af"), f"{what} af")
+    area = _obj(obj.get("area"), f"{what} area")
     if _str(af, "type", f"{what} af") != "luks1" or _str(area, "type", f"{what} area") != "raw":
         raise MetadataError(f"{what}: only af type 'luks1' and area type 'raw' exist")
     priority = obj.get("priority", 1)

@@ -85,7 +85,7 @@ def area_cipher(ks: Keyslot, key: bytes) -> SectorCipher:
         name, mode = split_cipher_spec(ks.area_encryption)
         return make_sector_cipher(name, mode, key)
     except CipherSpecError as e:
-        raise KeyslotError(f"keyslot {ks.id}: area encryption: {e}") from None
+        raise KeyslotError(f"area encryption: {e}") from None
 
 
 def digest_matches(digest: Digest, key: bytes) -> bool:
