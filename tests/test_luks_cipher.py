@@ -269,20 +269,21 @@ def test_cipher_spec_splits_like_cryptsetup():
         split_cipher_spec("aes")
 
 
+@pytest.mark.parametrize("count", [1, 16, 17, 300])  # ≤ 16: one OpenSSL context per sector
 @pytest.mark.parametrize("key_bytes", [32, 64])
 @pytest.mark.parametrize("first", [0, 5, (1 << 40) + 3])
-def test_xts_4096_byte_sectors_match_one_xts_per_sector(key_bytes: int, first: int):
+def test_xts_4096_byte_sectors_match_one_xts_per_sector(key_bytes: int, first: int, count: int):
     """LUKS2 sector_size 4096: the IV counts 512-byte units (sector i: first + 8i, as
     cryptsetup does) and the tweak runs over all 256 blocks; checked against one plain
     XTS context per sector (OpenSSL)."""
-    key, data = os.urandom(key_bytes), os.urandom(4096 * 300)
+    key, data = os.urandom(key_bytes), os.urandom(4096 * count)
     sc = make_sector_cipher("aes", "xts-plain64", key, 4096)
     out = sc.encrypt(first, data)
     ref = b"".join(
         Cipher(algorithms.AES(key), modes.XTS((first + 8 * i).to_bytes(16, "little")))
         .encryptor()
         .update(data[i * 4096 : (i + 1) * 4096])
-        for i in range(300)
+        for i in range(count)
     )
     assert out == ref
     assert sc.decrypt(first, out) == data
