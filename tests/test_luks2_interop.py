@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs
+from tests.conftest import cli, needs
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180), needs("cryptsetup", "losetup")]
 
@@ -119,22 +119,27 @@ def test_data_written_through_the_mount_decrypts_in_cryptsetup(
 
 
 def test_a_detached_header_needs_header_file(tmp_path, key, write_spec, mount):
-    """After `reencrypt --decrypt` stops halfway... simpler: `luksFormat --header H` keeps the
-    header apart; the data device alone is refused, with header-file it opens."""
+    """`luksFormat --header H` keeps the header apart: with header-file the data device
+    opens and what fusedisk writes decrypts in cryptsetup with the same header; the
+    data device alone holds no header and is refused."""
     data = tmp_path / "data.img"
     data.write_bytes(bytes(4 * MiB))
     header = tmp_path / "h.hdr"
     run("cryptsetup", "luksFormat", "-q", "--type", "luks2", *KDF["argon2id"],
         "--header", header, "--key-file", key, data)  # fmt: skip
-    spec = write_spec(luks2_spec(data, key, extra=f'header-file = "{header}"\n'))
-    m = mount(spec)
+    m = mount(write_spec(luks2_spec(data, key, extra=f'header-file = "{header}"\n')))
     disk = m.path("vm0.img")
     assert disk.stat().st_size == 4 * MiB
+    q = random.Random(9).randbytes(4 * MiB)
     with open(disk, "r+b") as f:
-        f.write(b"detached" * 512)
+        f.write(q)
     m.stop()
-    # the data device holds no header: without header-file it is "no LUKS header"
-    from tests.conftest import cli
-
+    loop = run("losetup", "-f", "--show", data).stdout.strip()
+    try:
+        run("cryptsetup", "reencrypt", "-q", "--decrypt", "--header", header,
+            "--key-file", key, loop)  # fmt: skip
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    assert data.read_bytes() == q
     result = cli("check", write_spec(luks2_spec(data, key), name="plain.toml"))
     assert result.returncode != 0 and "Traceback" not in result.stderr

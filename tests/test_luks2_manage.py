@@ -4,6 +4,7 @@ key set, as cryptsetup sees it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -164,3 +165,14 @@ def test_a_crash_during_remove_key_leaves_the_old_or_the_new_key_set(tmp_path, k
     trio.run(_update, image, keys[0].read_bytes(), None, after)
     assert opens_in_cryptsetup(image, keys[0])
     assert opens_in_cryptsetup(image, keys[1]) == (after == 0)
+
+
+def test_info_shows_the_luks2_fields(tmp_path, keys):
+    image = format_v2(tmp_path, keys[0], "--sector-size", "512", "--label", "vm0")
+    info = json.loads(ok("info", "--json", image))
+    data = info["format-specific"]["data"]
+    assert info["format"] == "luks" and info["encrypted"] and info["virtual-size"] == 8 * MiB
+    assert data["version"] == 2 and data["sector-size"] == 512 and data["label"] == "vm0"
+    assert data["cipher-alg"] == "aes-256" and data["cipher-mode"] == "xts"
+    assert data["slots"][0]["kdf"] == "argon2id" and data["slots"][0]["memory"] == 32
+    assert "salt" not in json.dumps(info)  # nothing secret-adjacent either

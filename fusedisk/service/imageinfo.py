@@ -19,6 +19,7 @@ import trio
 
 from fusedisk.errors import FuseDiskError
 from fusedisk.filters.luks import header as luks_header
+from fusedisk.filters.luks import luks2_volume
 from fusedisk.formats.dedup import layout as dedup_layout
 from fusedisk.formats.qcow2 import layout as qcow2_layout
 from fusedisk.formats.qcow2.snapshots import read_snapshot_table
@@ -119,7 +120,19 @@ async def _snapshots(path: Path, h: qcow2_layout.Header, size: int) -> list[dict
     return [{"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size} for s in snaps]
 
 
+def _luks2(path: Path, size: int) -> dict[str, Any]:
+    async def read(offset: int, length: int) -> bytes:
+        return _pread(path, length, offset)
+
+    async def load() -> luks2_volume.Luks2Volume:
+        return await luks2_volume.load(read, size, size, f"LUKS image '{path}'")
+
+    return luks2_volume.image_info(trio.run(load), size)
+
+
 def _luks(path: Path, head: bytes, size: int) -> dict[str, Any]:
+    if luks_header.probe(head) == 2:
+        return _luks2(path, size)
     hdr = luks_header.parse_header(head, size, f"LUKS image '{path}'")
     mode, _, ivgen = hdr.cipher_mode.partition("-")
     key_bits = hdr.key_bytes * 8 // (2 if mode == "xts" else 1)  # XTS splits its key in two
