@@ -22,6 +22,7 @@ import trio
 
 from fusedisk.errors import FuseDiskError
 from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import luks2_checks as lc
 from fusedisk.filters.luks import luks2_json as lj
 from fusedisk.filters.luks import luks2_volume as l2
 from fusedisk.formats.dedup.layout import PAGE, TxnHeader, pick_superblock
@@ -152,9 +153,9 @@ def luks2_json(data: bytes) -> None:
     def parse() -> None:
         try:
             meta = lj.parse_metadata(data, 16 << 10)
-            lj.refusals(meta)
-            lj.plugin_tokens(meta)
-            lj.check_layout(meta, 16 << 10, 32 << 20)
+            lc.refusals(meta)
+            lc.plugin_tokens(meta)
+            lc.check_layout(meta, 16 << 10, 32 << 20)
         except lj.MetadataError:
             pass
 

@@ -410,7 +410,8 @@ class XtsCipher(SectorCipher):
         self._ivgen = ivgen
         self._key = key
         self.stream = len(key) != 48 and self._k1 != self._k2
-        self._aes = algorithms.AES(key)
+        # (OpenSSL's XTS takes 256 and 512-bit keys only: AES(key) would refuse 384)
+        self._aes = algorithms.AES(key) if self.stream else None
         if self.stream:
             # S·α^(32i) for every sector i of a chunk: S = E(key2, 0), the fixed tweak's mask
             s = int.from_bytes(_ecb_encryptor(self._k2).update(bytes(BLOCK)), "little")
@@ -436,6 +437,7 @@ class XtsCipher(SectorCipher):
         set-up weigh less than the vectorised path's fixed cost (docs/drivers/luks.md)."""
         ivs = self._ivgen.ivs(sector, count, self.runs).tobytes()
         size, aes = self.sector_size, self._aes
+        assert aes is not None  # only stream ciphers come here
         data, out = memoryview(src.view(np.uint8).data), memoryview(ws.ecb_out)
         for i in range(count):
             cipher = Cipher(aes, modes.XTS(ivs[i * BLOCK : (i + 1) * BLOCK]))

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from fusedisk.errors import CorruptImage, OpenError
+from fusedisk.filters.luks import luks2_checks as lc
 from fusedisk.filters.luks import luks2_json as lj
 from fusedisk.filters.luks.header import WrongKey
 from fusedisk.filters.luks.luks2_header import Luks2Headers, Reader, read_headers
@@ -92,12 +93,12 @@ async def load(read: Reader, header_size: int, data_size: int | None, where: str
         meta = lj.parse_metadata(copy.json_text, copy.binary.hdr_size)
     except lj.MetadataError as e:
         raise CorruptImage(f"{where}: damaged LUKS2 header ({copy.which} copy): {e}") from None
-    reason = lj.refusals(meta)
+    reason = lc.refusals(meta)
     if reason is not None:
         raise OpenError(f"{where}: cannot open this LUKS2 volume: {reason}")
     segment = next(iter(meta.segments.values()))
     try:
-        lj.check_layout(meta, copy.binary.hdr_size, header_size)
+        lc.check_layout(meta, copy.binary.hdr_size, header_size)
     except lj.MetadataError as e:
         raise CorruptImage(f"{where}: damaged LUKS2 header ({copy.which} copy): {e}") from None
     if segment.offset == 0 and not detached:
@@ -142,7 +143,7 @@ async def unlock(
         tried += 1
         if key is not None:
             return ks.id, key
-    plugins = lj.plugin_tokens(volume.meta)
+    plugins = lc.plugin_tokens(volume.meta)
     hint = ""
     if plugins:
         hint = (
