@@ -54,7 +54,7 @@ def _del(*keys: str) -> Change:
 KS = ("keyslots", "0")
 SEG = ("segments", "0")
 DIG = ("digests", "0")
-ARGON = {"type": "argon2id", "time": 4, "memory": 32, "cpus": 1, "salt": "AAAA"}
+ARGON = {"type": "argon2id", "time": 4, "memory": 32, "cpus": 1, "salt": "AAAAAAAAAAAA"}
 
 
 def _json_cases() -> dict[str, Change]:
@@ -97,6 +97,9 @@ def _json_cases() -> dict[str, Change]:
         if name == "work":
             kdf = {**ARGON, "time": 1 << 30, "memory": 4 << 20}
         cases[f"argon2 {name}={v}"] = _set(*KS, "kdf", kdf)
+    cases["argon2 cheap, wrong key"] = _set(*KS, "kdf", ARGON)
+    cases["argon2i cheap, wrong key"] = _set(*KS, "kdf", {**ARGON, "type": "argon2i"})
+    cases["argon2 salt of 4 bytes"] = _set(*KS, "kdf", {**ARGON, "salt": "AAAAAA=="})
     for name, values in {
         "offset": ["0", "5", str(1 << 64), "4096"],
         "size": ["1", "abc", "0", str(1 << 40)],

@@ -93,7 +93,7 @@ def test_the_copy_with_the_higher_seqid_wins(image):
 def test_argon2_memory_past_the_cap_is_refused_before_any_allocation(image):
     def change(meta):
         meta["keyslots"]["0"]["kdf"] = {
-            "type": "argon2id", "time": 4, "memory": (4 << 20) + 1, "cpus": 4, "salt": "AAAA",
+            "type": "argon2id", "time": 4, "memory": (4 << 20) + 1, "cpus": 4, "salt": "A" * 44,
         }  # fmt: skip
 
     craft.rewrite(image, change)
@@ -157,3 +157,25 @@ def test_a_plugin_token_is_named_when_the_passphrase_fails(image, tmp_path):
     assert open_and_read(image)["tokens"] == ["clevis"]  # the passphrase still opens it
     with pytest.raises(OpenError, match=r"token 0 \(clevis\) needs a cryptsetup token plugin"):
         open_and_read(image, b"wrong")
+
+
+def test_an_argon2_cost_the_daemon_cannot_afford_is_a_clear_error(image, tmp_path):
+    """Within cryptsetup's caps (2 GiB here) but past what the process may allocate (a
+    1.5 GB address-space limit, as a MemoryMax= would be): a sentence, not a crash."""
+
+    def change(meta):
+        meta["keyslots"]["0"]["kdf"] = {
+            "type": "argon2id", "time": 1, "memory": 2 << 20, "cpus": 1, "salt": "A" * 44,
+        }  # fmt: skip
+
+    craft.rewrite(image, change)
+    key = tmp_path / "key"
+    key.write_bytes(craft.PASSPHRASE)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.format(image=image, key=key))
+    proc = subprocess.run(
+        ["prlimit", "--as=1500000000", sys.executable, "-m", "fusedisk", "check", spec],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "node 'crypt': keyslot 0: not enough memory for its Argon2 cost" in proc.stderr

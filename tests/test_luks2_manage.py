@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,26 @@ def test_info_shows_the_luks2_fields(tmp_path, keys):
     assert data["cipher-alg"] == "aes-256" and data["cipher-mode"] == "xts"
     assert data["slots"][0]["kdf"] == "argon2id" and data["slots"][0]["memory"] == 32
     assert "salt" not in json.dumps(info)  # nothing secret-adjacent either
+
+
+def test_sigkill_during_add_key_leaves_the_old_or_the_new_key_set(tmp_path, keys):
+    """A real `fusedisk luks add-key` killed at spread moments: cryptsetup then opens the
+    image with the old key always, with the new one only if the update got that far."""
+    image = format_v2(tmp_path, keys[0])
+    outcomes = set()
+    for delay in (0.2, 0.5, 0.8, 1.1, 1.4, 2.0):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fusedisk", "luks", "add-key", "--key-file", keys[0],
+             "--new-key-file", keys[1], "--key-slot", "5", "--pbkdf", "pbkdf2",
+             "--pbkdf-force-iterations", "1000", image],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(delay)
+        proc.kill()
+        proc.wait(timeout=30)
+        assert opens_in_cryptsetup(image, keys[0])
+        added = opens_in_cryptsetup(image, keys[1])
+        outcomes.add(added)
+        if added:  # undo, for the next round
+            ok("luks", "remove-key", "--key-slot", "5", "--force", image)
+    assert opens_in_cryptsetup(image, keys[0])

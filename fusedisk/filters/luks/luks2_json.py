@@ -207,6 +207,8 @@ def _kdf(obj: dict[str, Any], what: str) -> Kdf:
             )
         if memory < max(ARGON2_MIN_MEMORY_KIB, 8 * cpus):
             raise MetadataError(f"{what}: Argon2 memory of {memory} KiB is below the minimum")
+        if len(salt) < 8:
+            raise MetadataError(f"{what}: an Argon2 salt of {len(salt)} bytes (at least 8)")
         if time * memory > ARGON2_MAX_WORK_KIB:
             raise MetadataError(
                 f"{what}: Argon2 cost of {time} passes over {memory} KiB is past fusedisk's cap "

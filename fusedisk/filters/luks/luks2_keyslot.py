@@ -96,7 +96,10 @@ def digest_matches(digest: Digest, key: bytes) -> bool:
 def open_keyslot(ks: Keyslot, digest: Digest, passphrase: bytes, material: bytes) -> bytes | None:
     """The volume key if `passphrase` opens `ks` (whose area bytes are `material`)."""
     _check_af_hash(ks.af_hash)
-    area_key = derive(ks.kdf, passphrase, ks.area_key_size)
+    try:
+        area_key = derive(ks.kdf, passphrase, ks.area_key_size)
+    except ValueError as e:  # a parameter cryptography refuses that the checks let by
+        raise KeyslotError(f"key derivation: {e}") from None
     split = area_cipher(ks, area_key).decrypt(0, material[: ks.material_size])
     key = af_merge(bytes(split), ks.key_size, ks.af_stripes, ks.af_hash)
     return key if digest_matches(digest, key) else None
