@@ -91,15 +91,18 @@ def _add_luks2_kdf(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "luks",
-        help="format a LUKS1 image, add or remove key slots, show its header",
-        description="Manage the LUKS1 header of an image file, or of the child of a luks node "
-        "of a spec (--spec, --node).  Keys are read from --key-file (raw bytes, like "
-        "cryptsetup --key-file), from an environment variable, or asked on the terminal.",
+        help="format a LUKS1 or LUKS2 image, add or remove key slots, show its header",
+        description="Manage the LUKS1 or LUKS2 header (the version read from it) of an image "
+        "file, or of the child of a luks node of a spec (--spec, --node).  Keys are read "
+        "from --key-file (raw bytes, like cryptsetup --key-file), from an environment "
+        "variable, or asked on the terminal.",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 
-    f = actions.add_parser("format", help="write a new LUKS1 header with one key slot")
+    f = actions.add_parser(
+        "format", help="write a new LUKS header (--version 1 or 2) with one key slot"
+    )
     _add_target(f)
     _add_key_source(f, "", "passphrase")
     _add_pbkdf(f)
