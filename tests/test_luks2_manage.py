@@ -201,3 +201,16 @@ def test_sigkill_during_add_key_leaves_the_old_or_the_new_key_set(tmp_path, keys
         if added:  # undo, for the next round
             ok("luks", "remove-key", "--key-slot", "5", "--force", image)
     assert opens_in_cryptsetup(image, keys[0])
+
+
+def test_a_damaged_primary_is_repaired_by_the_next_header_write(tmp_path, keys):
+    from tests import luks2_craft as craft
+
+    image = format_v2(tmp_path, keys[0])
+    craft.damage(image, 4096 + 50)  # the primary's JSON
+    ok("luks", "add-key", "--key-file", keys[0], "--new-key-file", keys[1],
+       "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", image)  # fmt: skip
+    primary, meta1 = craft.read_copy(image, "primary")  # raises if still damaged
+    secondary, meta2 = craft.read_copy(image, "secondary")
+    assert primary.seqid == secondary.seqid and meta1 == meta2 and "1" in meta1["keyslots"]
+    assert opens_in_cryptsetup(image, keys[1])
