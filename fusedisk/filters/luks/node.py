@@ -230,16 +230,15 @@ class LuksNode(Node):
             read, header_size, self.file.node.size, self.where, detached=header_file is not None
         )
         seg = volume.segment
-        try:
+        key_bytes = max((k.key_size for k in volume.meta.keyslots.values()), default=64)
+        try:  # the cipher is checked before any key derivation, with a stand-in key
             cipher_name, cipher_mode = split_cipher_spec(seg.encryption)
+            make_sector_cipher(cipher_name, cipher_mode, bytes(key_bytes), seg.sector_size)
         except CipherSpecError as e:
             raise OpenError(f"{self.where}: LUKS2 segment: {e}") from None
         passphrase = await self._passphrase()
         self._slot, master_key = await l2.unlock(read, volume, passphrase, self.where)
-        try:
-            self._cipher = make_sector_cipher(cipher_name, cipher_mode, master_key, seg.sector_size)
-        except CipherSpecError as e:
-            raise OpenError(f"{self.where}: LUKS2 segment: {e}") from None
+        self._cipher = make_sector_cipher(cipher_name, cipher_mode, master_key, seg.sector_size)
         del master_key, passphrase
         self._luks2 = volume
         self._payload = seg.offset
