@@ -13,6 +13,9 @@ import pytest
 
 from tests.mounting import Mount
 
+#: the session's Ceph cluster (`ceph` fixture) for the rbd tests
+pytest_plugins = ["tests.ceph_cluster"]
+
 
 def _can_mount() -> str | None:
     if not os.path.exists("/dev/fuse"):

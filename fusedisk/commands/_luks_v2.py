@@ -7,7 +7,6 @@ luks2_manage.py's, each header write flushed before the next step.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import trio
@@ -18,6 +17,7 @@ from fusedisk.filters.luks import luks2_manage as lm
 from fusedisk.filters.luks import luks2_volume as l2
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.options import OptionValueError, parse_size
+from fusedisk.hostio.files import create_file
 
 
 def _luks() -> Any:
@@ -67,14 +67,12 @@ def _create_image(args: argparse.Namespace) -> None:
         raise SpecError(f"--size: {e}") from None
     if payload % args.sector_size:
         raise SpecError(f"--size must be a multiple of {args.sector_size} bytes")
-    try:
-        fd = os.open(args.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise OpenError(f"cannot create '{args.image}': {e.strerror}") from None
-    try:
-        os.ftruncate(fd, lm.PAYLOAD_OFFSET + payload)
-    finally:
-        os.close(fd)
+    create_file(
+        args.image,
+        f"cannot create '{args.image}'",
+        size=lm.PAYLOAD_OFFSET + payload,
+        mode=0o600,
+    )
 
 
 def format_v2(args: argparse.Namespace) -> int:

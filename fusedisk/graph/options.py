@@ -98,6 +98,18 @@ def _parse_str(value: Any) -> str:
     raise OptionValueError(f"expected a string, got {value!r}")
 
 
+def _parse_list(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return list(value)
+    raise OptionValueError(f"expected a list, got {value!r}")
+
+
+def _parse_table(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return dict(value)
+    raise OptionValueError(f"expected a table, got {value!r}")
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "int": _parse_int,
     "size": parse_size,
@@ -105,6 +117,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "bool": _parse_bool,
     "str": _parse_str,
     "path": _parse_str,
+    "list": _parse_list,  # checked further by the driver (rbd's `server`)
+    "table": _parse_table,  # likewise (rbd's `rados-options`)
 }
 
 

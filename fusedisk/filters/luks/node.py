@@ -41,12 +41,14 @@ from fusedisk.filters.luks.cipher import (
     sector_pieces,
     split_cipher_spec,
 )
+from fusedisk.filters.luks.describe import describe
 from fusedisk.filters.luks.keys import (
     ask_passphrase,
     file_reader,
     read_key_env,
     read_key_file,
 )
+from fusedisk.graph.driver_slots import PROBE_CERTAIN
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent, Status, merge_extents
 from fusedisk.graph.node import ChildSlot, Control, GraphOp, Node, Role
@@ -137,6 +139,14 @@ class LuksNode(Node):
     )
     child_slots = (ChildSlot("file", Role.FILE),)
     graph_op = GraphOp.PASS
+
+    @classmethod
+    def probe(cls, head: bytes) -> int:
+        return PROBE_CERTAIN if lh.probe(head) is not None else 0
+
+    @classmethod
+    def info(cls, target: str) -> dict[str, Any]:
+        return describe(target)
 
     _cipher: SectorCipher | None = None
     _payload = 0
