@@ -105,6 +105,7 @@ async def serve_kernel(
 ) -> None:
     """Mount through mount(2) or fusermount3 and serve the connection ourselves."""
     kmount = mounting.mount(mountpoint, fsname, "fusedisk", allow_other)
+    mountpoint = kmount.mountpoint  # canonical: what mountinfo and the watchdog compare
     device = mounting.mounted_device(mountpoint)
     session: KernelSession | None = None
     try:
@@ -138,6 +139,9 @@ async def serve(
 ) -> None:
     """Open `spec`'s graph and serve it at `mountpoint` until unmounted."""
     tune_malloc()
+    # Resolved once, before mounting: mountinfo (the watchdog, the end-of-session
+    # unmount, fusectl tuning) shows the path without symlinks or `..`.
+    mountpoint = mounting.canonical(mountpoint)
     graph = await Graph.open(spec)
     try:
         on_stop: Callable[[Callable[[], None]], Any] = stop_on_signals

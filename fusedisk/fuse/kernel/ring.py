@@ -321,7 +321,7 @@ class RingSession(KernelSession):
         h = entry * HEADER_STRIDE
         hview = self.hview
         _, commit_id, size, _, _ = ENT_IN_OUT.unpack_from(hview, h + ENT_AT)
-        _, opcode, unique, nodeid, *_ = p.IN_HEADER.unpack_from(hview, h)
+        _, opcode, unique, nodeid, _uid, _gid, pid, *_ = p.IN_HEADER.unpack_from(hview, h)
         self._owner[commit_id] = entry
         if size > PAYLOAD or unique != commit_id:
             log.error("malformed FUSE request over io_uring (payload %d, id %d)", size, unique)
@@ -329,7 +329,7 @@ class RingSession(KernelSession):
             return None
         start = entry * PAYLOAD
         args = p.Args(hview, h + OP_IN_AT, h + ENT_AT, self.pview[start : start + size])
-        waiting = self.handle(opcode, unique, nodeid, args)
+        waiting = self.handle(opcode, unique, nodeid, pid, args)
         if waiting is None and commit_id in self._owner:  # no reply (FORGET): re-arm anyway
             self._reply_error(commit_id, errno.ENOSYS)
         return waiting
