@@ -169,6 +169,8 @@ class Ring:
         addr, keep = _address(buf) if buf is not None else (0, None)
         while len(self._waiting) >= self._entries:
             await self._room.park()
+            if self.fd < 0:
+                raise OSError(errno.EBADF, "the io_uring is closed")
         return await self._run(opcode, fd, offset, addr, keep, length, flags, abandon)
 
     async def _run(
@@ -225,6 +227,7 @@ class Ring:
             _IN_FLIGHT_AT_CLOSE.append(waiting)
         if self.shared:
             self._shared_closed = True
+            self._room.unpark_all()  # those waiting for room find it closed
             for request in waiting.values():
                 if request.task is not None:
                     error = OSError(errno.ECANCELED, "the io_uring it was in closed")

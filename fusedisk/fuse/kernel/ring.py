@@ -261,6 +261,8 @@ class RingSession(KernelSession):
             for user_data, res in ring.reap():
                 if not user_data & ENTRY_TAG:
                     host.complete(user_data, res)
+        if host is not None:
+            host.close()  # nobody reaps this ring any more: later operations fail at once
 
     async def _gather_replies(self) -> None:
         """The pass handed host completions to waiting requests: let them run now and
