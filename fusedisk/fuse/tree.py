@@ -13,7 +13,8 @@ nothing of pyfuse3; `ops.py` adapts it to FUSE.
     <disk>/commit, stream       start a background job; <disk>/job: its progress, cancel
     <disk>/revert               back to a snapshot
     <disk>/nodes/<node>/        driver, size, options/, children/, parents/,
-                                siblings/, stats, and the driver's controls
+                                siblings/, stats, bitmaps/, and the driver's controls
+    <disk>/bitmaps              -> nodes/<format node>/bitmaps (docs/backup.md)
     <section>/<name>/           shared objects (throttle-groups): options/, stats
 """
 
@@ -26,6 +27,7 @@ from functools import partial
 from typing import Any
 
 from fusedisk import metrics
+from fusedisk.graph import bitmap_control
 from fusedisk.graph.children import start_replace, start_scrub
 from fusedisk.graph.commit import start_commit
 from fusedisk.graph.disk import Disk
@@ -152,6 +154,7 @@ class ControlTree:
             "stream": FileEntry(lambda: _STREAM_HELP, stream),
             "revert": FileEntry(lambda: _REVERT_HELP, revert_to),
             "job": FileEntry(lambda: self.jobs.status(disk), job),
+            "bitmaps": LinkEntry(f"nodes/{bitmap_control.bitmap_node(disk).name}/bitmaps"),
         }
 
     def node_dir(self, disk: Disk, node: Node) -> dict[str, Entry]:
@@ -174,6 +177,7 @@ class ControlTree:
             ),
             "siblings": DirEntry(lambda: self.siblings_dir(node)),
             "stats": FileEntry(lambda: _json({**node.stats.as_dict(), **node.driver_stats()})),
+            "bitmaps": DirEntry(lambda: self.bitmaps_dir(node)),
         }
         if node.graph_op is not GraphOp.REFUSE and node.parents:
 
@@ -185,6 +189,16 @@ class ControlTree:
             out.update(self.child_jobs(disk, node))
         for name, control in node.controls().items():
             out[name] = FileEntry(control.read, control.write)
+        return out
+
+    def bitmaps_dir(self, node: Node) -> dict[str, Entry]:
+        """A node's dirty bitmaps: one directory each, and the commands (bitmap_control.py)."""
+        out: dict[str, Entry] = {}
+        for bitmap in node.bitmaps:
+            files = {k: FileEntry(v) for k, v in bitmap_control.bitmap_files(bitmap).items()}
+            out[bitmap.name] = DirEntry(partial(dict, files))
+        for name, write in bitmap_control.commands(self.graph, node).items():
+            out[name] = FileEntry(partial(str, bitmap_control.COMMANDS[name]), write)
         return out
 
     def child_jobs(self, disk: Disk, node: Node) -> dict[str, Entry]:

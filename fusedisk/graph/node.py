@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from fusedisk.errors import ControlError, NotSupported
+from fusedisk.graph.bitmaps import BitmapSet
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent, Status
 from fusedisk.graph.options import Option, OptionValueError
@@ -159,6 +160,8 @@ class Node:
     makes_overlays: ClassVar[bool] = False
     #: a format that can make itself standalone at the end of a stream (`drop_backing`)
     drops_backing: ClassVar[bool] = False
+    #: a format that keeps bitmaps in its image (`store_bitmaps`)
+    persistent_bitmaps: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -176,6 +179,8 @@ class Node:
         self.size = 0
         self.request_alignment = 1
         self.read_only: bool = bool(self.options.get("read-only", False))
+        #: dirty bitmaps the edges above mark on every write (graph/bitmaps.py)
+        self.bitmaps = BitmapSet(name)
         for slot in self.child_slots:
             child = children.get(slot.name)
             if child is None:
@@ -239,6 +244,12 @@ class Node:
     async def drop_backing(self) -> None:
         """Make the image standalone (its header names no backing file any more)."""
         raise NotSupported(f"node '{self.name}' ({self.driver}) cannot drop its backing file")
+
+    async def store_bitmaps(self) -> None:
+        """Write the persistent bitmaps' names and flags to the image now (marked in
+        use while it is open), after one was added or removed; formats with
+        `persistent_bitmaps` implement it."""
+        raise NotSupported(f"node '{self.name}' ({self.driver}) cannot keep persistent bitmaps")
 
     def child_set(self) -> ChildSet | None:
         """The fan-out capability (quorum): children that can be scrubbed and replaced."""
