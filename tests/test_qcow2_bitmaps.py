@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import needs
-from tests.nbd_helpers import external_servers
+from tests.nbd_helpers import external_servers, nbd_uri
 from tests.qcow2_helpers import KiB, MiB, create, needs_qemu, qemu_img
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120), needs_qemu]
@@ -208,3 +208,25 @@ def test_bad_requests_get_sentences(tmp_path, write_spec, mount) -> None:
     with pytest.raises(OSError):
         control(m.path("vm0", "nodes", "d0.file", "bitmaps", "add"), "p persistent")
     assert "cannot keep persistent bitmaps" in m.path("last-error").read_text()
+
+
+@needs("qemu-nbd", "nbdinfo")
+def test_nbd_exports_each_bitmap_as_qemu_nbd_does(tmp_path, write_spec, mount) -> None:
+    """`mount --nbd` offers qemu:dirty-bitmap:NAME; after unmount, qemu-nbd -B agrees."""
+    image = create(tmp_path / "d.qcow2", "32M")
+    qemu_img("bitmap", "--add", image, "b0")
+    sock = tmp_path / "nbd.sock"
+    m = mount(write_spec(SPEC.format(image=image.name)), extra_args=("--nbd", f"unix:{sock}"))
+    control(m.path("vm0", "bitmaps", "add"), "mem 4k")
+    for offset, length in [(0, 1), (5 * MiB, 300 * KiB), (31 * MiB, 1 * MiB)]:
+        write(m.path("vm0.img"), offset, b"w" * length)
+    uri = nbd_uri(sock)
+    served = nbdinfo_dirty(uri, "b0")
+    assert served == [(0, 64 * KiB), (5 * MiB, 320 * KiB), (31 * MiB, 1 * MiB)]
+    assert nbdinfo_dirty(uri, "mem") == [(0, 4 * KiB), (5 * MiB, 300 * KiB), (31 * MiB, 1 * MiB)]
+    listed = subprocess.run(["nbdinfo", "--list", "--content", uri], capture_output=True,
+                            text=True, timeout=60).stdout  # fmt: skip
+    for context in ("base:allocation", "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:mem"):
+        assert context in listed
+    m.stop()
+    assert qemu_nbd_map(tmp_path, image, "b0") == served

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 from fusedisk.errors import ControlError
 from fusedisk.graph.bitmaps import (
     DEFAULT_GRANULARITY,
+    BitmapSet,
     DirtyBitmap,
     check_granularity,
     check_name,
 )
-from fusedisk.graph.node import GraphOp, Node, Role
+from fusedisk.graph.node import Filter, GraphOp, Node, Role
 from fusedisk.graph.options import OptionValueError, parse_size
 from fusedisk.graph.transaction import Step, Transaction
 
@@ -58,6 +59,18 @@ def bitmap_node(disk: Disk) -> Node:
             break
         node = below[0].node
     return node
+
+
+def disk_bitmaps(disk: Disk) -> BitmapSet | None:
+    """The bitmaps of the disk's format node if they speak of the disk's own offsets:
+    only filters (same data, same offsets) lie between; None below luks, say."""
+    node = disk.top
+    target = bitmap_node(disk)
+    while node is not target:
+        if not isinstance(node, Filter):
+            return None
+        node = node.filtered.node
+    return node.bitmaps if node.size == disk.size else None
 
 
 def _where(node: Node) -> str:
