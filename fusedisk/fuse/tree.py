@@ -12,6 +12,7 @@ nothing of pyfuse3; `ops.py` adapts it to FUSE.
     <disk>/snapshot             take a snapshot / list them (docs/snapshots.md)
     <disk>/commit, stream       start a background job; <disk>/job: its progress, cancel
     <disk>/revert               back to a snapshot
+    <disk>/backup               start a point-in-time backup (docs/backup.md)
     <disk>/nodes/<node>/        driver, size, options/, children/, parents/,
                                 siblings/, stats, bitmaps/, and the driver's controls
     <disk>/bitmaps              -> nodes/<format node>/bitmaps (docs/backup.md)
@@ -28,6 +29,8 @@ from typing import Any
 
 from fusedisk import metrics
 from fusedisk.graph import bitmap_control
+from fusedisk.graph.backup import HELP as BACKUP_HELP
+from fusedisk.graph.backup import start_backup
 from fusedisk.graph.children import start_replace, start_scrub
 from fusedisk.graph.commit import start_commit
 from fusedisk.graph.disk import Disk
@@ -140,6 +143,9 @@ class ControlTree:
         async def job(text: str) -> None:
             await self.jobs.control(disk, text)
 
+        async def backup(text: str) -> None:
+            await start_backup(self.graph, disk, text)
+
         return {
             "root": LinkEntry(f"nodes/{disk.top.name}"),
             "nodes": DirEntry(
@@ -154,6 +160,7 @@ class ControlTree:
             "stream": FileEntry(lambda: _STREAM_HELP, stream),
             "revert": FileEntry(lambda: _REVERT_HELP, revert_to),
             "job": FileEntry(lambda: self.jobs.status(disk), job),
+            "backup": FileEntry(lambda: BACKUP_HELP, backup),
             "bitmaps": LinkEntry(f"nodes/{bitmap_control.bitmap_node(disk).name}/bitmaps"),
         }
 

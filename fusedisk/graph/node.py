@@ -238,7 +238,8 @@ class Node:
     @classmethod
     def create_overlay(cls, path: Path, size: int, backing: str, backing_format: str) -> None:
         """Create an empty image at `path` over `backing` (a path relative to its
-        folder), for a snapshot or a revert; formats with `makes_overlays` implement it."""
+        folder), for a snapshot or a revert, or standalone if `backing` is empty (a
+        full backup's target); formats with `makes_overlays` implement it."""
         raise NotSupported(f"driver '{cls.driver}' cannot create an overlay")
 
     async def drop_backing(self) -> None:

@@ -252,7 +252,11 @@ class Qcow2Node(Node):
 
     @classmethod
     def create_overlay(cls, path: Path, size: int, backing: str, backing_format: str) -> None:
-        """An empty qcow2 over `backing` (relative to its folder), for a snapshot."""
+        """An empty qcow2 over `backing` (relative to its folder), for a snapshot; with an
+        empty `backing`, a standalone one (a full backup's target)."""
+        if not backing:
+            create_qcow2(path, size)
+            return
         create_qcow2(path, size, backing=backing, backing_fmt=backing_format)
 
     async def store_bitmaps(self) -> None:
