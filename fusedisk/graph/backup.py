@@ -71,10 +71,13 @@ class CopyBeforeWrite:
         self.skip_zeroes = skip_zeroes
         self.lock = RangeLock()
         self.before_write_bytes = 0  # copied by the hook, ahead of a guest write
+        #: where the job shows it (its `detail`)
+        self.progress: Any = None
 
     async def enter(self, offset: int, length: int) -> Any:
         if self.todo.is_dirty(offset, length):
             self.before_write_bytes += await self.copy(offset, length)
+            self.progress.detail["copied_before_write_bytes"] = self.before_write_bytes
         return None
 
     def leave(self, token: Any) -> None:
@@ -203,7 +206,8 @@ class BackupJob(Job):
         steps = [target_step, Step(self._start, self._restore), hook(self.disk.root, self.cbw)]
         await self.txn.apply(steps)  # the instant: drained, so no write is half-way
         self.detail = {"bitmap": self.bitmap_name, "incremental": self.incremental,
-                       "base": base or None}  # fmt: skip
+                       "base": base or None, "copied_before_write_bytes": 0}  # fmt: skip
+        self.cbw.progress = self
 
     async def _start(self) -> None:
         """At the instant: what to copy, and the bitmap cleared (or made) for the next one."""
@@ -256,7 +260,6 @@ class BackupJob(Job):
     async def _copy(self, offset: int, length: int) -> None:
         assert self.cbw is not None
         await self.cbw.copy(offset, length)
-        self.detail["copied_before_write_bytes"] = self.cbw.before_write_bytes
 
     async def commit(self) -> None:
         assert self.cbw is not None and self.node is not None
