@@ -230,3 +230,61 @@ def test_nbd_exports_each_bitmap_as_qemu_nbd_does(tmp_path, write_spec, mount) -
         assert context in listed
     m.stop()
     assert qemu_nbd_map(tmp_path, image, "b0") == served
+
+
+SEED_TREE = """
+[nodes.thr]
+driver = "throttle"
+file = "crypt"
+iops-total = 100000
+
+[nodes.crypt]
+driver = "luks"
+file = "q"
+key-file = "key"
+format = true
+pbkdf2-iterations = 1000
+
+[nodes.q]
+driver = "quorum"
+children = ["d0", "d1", "d2"]
+vote-threshold = 2
+
+[nodes.d0]
+driver = "qcow2"
+filename = "d0.qcow2"
+
+[nodes.d1]
+driver = "qcow2"
+filename = "d1.qcow2"
+
+[nodes.d2]
+driver = "qcow2"
+filename = "d2.qcow2"
+
+[disks.vm0]
+node = "thr"
+"""
+
+
+@needs("qemu-nbd", "nbdinfo")
+def test_bitmaps_below_throttle_luks_and_quorum_see_every_write(
+    tmp_path, write_spec, mount
+) -> None:
+    images = [create(tmp_path / f"d{i}.qcow2", "32M") for i in range(3)]
+    for image in images:
+        qemu_img("bitmap", "--add", image, "b0")
+    (tmp_path / "key").write_bytes(b"bitmap passphrase")
+    m = mount(write_spec(SEED_TREE))
+    assert os.readlink(m.path("vm0", "bitmaps")) == "nodes/q/bitmaps"
+    nodes = m.path("vm0", "nodes")
+    before = extents_file(nodes / "d0" / "bitmaps" / "b0" / "extents")  # the luks header
+    write(m.path("vm0.img"), 20 * MiB, b"z" * 100)
+    after = [extents_file(nodes / f"d{i}" / "bitmaps" / "b0" / "extents") for i in range(3)]
+    assert after[0] == after[1] == after[2]
+    new = [r for r in after[0] if r not in before]
+    assert len(new) == 1 and new[0][0] >= 20 * MiB and new[0][1] == 64 * KiB  # + payload offset
+    m.stop()
+    for image in images:
+        qemu_img("check", image)
+        assert qemu_nbd_map(tmp_path, image, "b0") == after[0]
