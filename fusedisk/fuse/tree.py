@@ -28,6 +28,7 @@ from functools import partial
 from typing import Any
 
 from fusedisk import metrics
+from fusedisk.fuse.names import LAST_ERROR, METRICS
 from fusedisk.graph import bitmap_control
 from fusedisk.graph.backup import HELP as BACKUP_HELP
 from fusedisk.graph.backup import start_backup
@@ -121,8 +122,8 @@ class ControlTree:
         sections = sorted({section for section, _ in self.graph.shared_objects})
         for section in sections:
             out[section] = DirEntry(partial(self.section_dir, section))
-        out["last-error"] = FileEntry(lambda: self.last_error)
-        out["metrics"] = FileEntry(lambda: metrics.render(self.graph))
+        out[LAST_ERROR] = FileEntry(lambda: self.last_error)
+        out[METRICS] = FileEntry(lambda: metrics.render(self.graph))
         return out
 
     def disk_dir(self, disk: Disk) -> dict[str, Entry]:

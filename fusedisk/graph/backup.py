@@ -8,14 +8,14 @@ The instant is kept by copy-before-write (QEMU's copy-before-write filter and
 block-copy are the model), chosen over a temporary overlay because it leaves
 the guest's graph alone and costs only the first write to each granule:
 
-    start     under drain, in one transaction: the granules to copy (`todo`:
+    setup     under drain, in one transaction: the granules to copy (`todo`:
               all of them, or the bitmap's bits for an incremental) are taken,
               the bitmap is cleared (writes from now on are the next backup's),
               and a hook goes on the disk's root edge
     a write   the hook first copies the old data of the granules it touches
               that are still to copy, then lets the write through
     run       the copy loop (graph/copy.py) copies what is left, chunk by chunk
-    commit    the hook goes, the target is flushed and closed, and the backup
+    prepare   the hook goes, the target is flushed and closed, and the backup
               is recorded (DISK's last backup per bitmap: the next incremental's
               backing file), beside the spec
     abort     (failure or `cancel`) the hook goes, the bitmap gets its old bits
@@ -184,7 +184,7 @@ class BackupJob(Job):
             return base.name
         return str(base)
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         if not self.dest.is_absolute():
             raise self._fail("DEST must be an absolute path")
         if os.path.lexists(self.dest):
@@ -261,7 +261,7 @@ class BackupJob(Job):
         assert self.cbw is not None
         await self.cbw.copy(offset, length)
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         assert self.cbw is not None and self.node is not None
         cbw, node = self.cbw, self.node
         steps = [Step(partial(self.disk.root.hooks.remove, cbw),

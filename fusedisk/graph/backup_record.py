@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fusedisk.errors import SpecError
+from fusedisk.hostio.files import create_file, fsync_folder
 
 VERSION = 1
 
@@ -45,16 +46,8 @@ def save(spec_path: Path, disk: str, bitmap: str, dest: str) -> None:
     doc["disks"].setdefault(disk, {})[bitmap] = dest
     path = record_path(spec_path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, (json.dumps(doc, indent=2) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    data = (json.dumps(doc, indent=2) + "\n").encode()
+    # a stale temporary, or a symlink planted there, is replaced, never followed
+    create_file(tmp, f"cannot write '{tmp}'", chunks=((0, data),), replace=True)
     os.rename(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_folder(path.parent)

@@ -143,7 +143,7 @@ class CommitJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.disk.top))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         self.target, self.chains = _commit_chains(self.graph, self.disk, self.name)
         self.detail["layers"] = [[n.name for n in chain] for chain in self.chains]
 

@@ -59,7 +59,7 @@ class RevertJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.disk.top))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         graph, disk = self.graph, self.disk
         record = snapshot_record(graph, disk, self.name, "revert")
         self.target = record["name"]
@@ -101,7 +101,7 @@ class RevertJob(Job):
         self.txn.undo_later(partial(graph.remove_node, new))
         self.fresh.append((file_node, new, temp))
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         steps = [repoint(user_edge(old), new) for (old, _, _), (_, new, _) in
                  zip(self.targets, self.fresh, strict=True)]  # fmt: skip
         await self.txn.apply(steps, durable=self._rename_files, then=[self._forget_old])

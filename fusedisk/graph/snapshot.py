@@ -147,7 +147,7 @@ class SnapshotJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.start.node))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         graph, name = self.graph, self.target
         if not _SNAPSHOT_NAME.match(name):
             raise SnapshotError(f"snapshot name {name!r}: use letters, digits and _ . + - only")
@@ -204,7 +204,7 @@ class SnapshotJob(Job):
             self.txn.undo_later(partial(self.graph.remove_node, node))
             self.opened.append(node)
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         steps: list[Step] = []
         for plan, node in zip(self.plans, self.opened, strict=True):
             steps.append(repoint(plan.edge, node))
