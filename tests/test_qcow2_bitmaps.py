@@ -288,3 +288,35 @@ def test_bitmaps_below_throttle_luks_and_quorum_see_every_write(
     for image in images:
         qemu_img("check", image)
         assert qemu_nbd_map(tmp_path, image, "b0") == after[0]
+
+
+def test_a_grown_disk_keeps_its_bitmaps_at_the_new_size(tmp_path, write_spec, mount) -> None:
+    image = create(tmp_path / "d.qcow2", "16M")
+    qemu_img("bitmap", "--add", image, "b0")
+    m = mount(write_spec(SPEC.format(image=image.name) + "growable = true\n"))
+    write(m.path("vm0.img"), 0, b"a")
+    os.truncate(m.path("vm0.img"), 48 * MiB)
+    write(m.path("vm0.img"), 40 * MiB, b"b")
+    assert extents_file(m.path("vm0", "bitmaps", "b0", "extents")) == [
+        (0, 64 * KiB), (40 * MiB, 64 * KiB)]  # fmt: skip
+    m.stop()
+    qemu_img("check", image)
+    assert info_bitmaps(image)["b0"]["flags"] == ["auto"]
+    assert qemu_nbd_map(tmp_path, image, "b0") == [(0, 64 * KiB), (40 * MiB, 64 * KiB)]
+
+
+def test_a_snapshot_stores_the_base_bitmaps_cleanly(tmp_path, write_spec, mount) -> None:
+    """The base becomes read-only: its bitmaps are stored consistent, as at a close."""
+    image = create(tmp_path / "d.qcow2", "16M")
+    qemu_img("bitmap", "--add", image, "b0")
+    m = mount(write_spec(SPEC.format(image=image.name)))
+    write(m.path("vm0.img"), MiB, b"a")
+    m.path("vm0", "snapshot").write_text("s1\n")
+    assert info_bitmaps(image, "-U")["b0"]["flags"] == ["auto"]
+    assert os.readlink(m.path("vm0", "bitmaps")) != "nodes/d0/bitmaps"  # now the overlay's
+    write(m.path("vm0.img"), 2 * MiB, b"b")
+    assert extents_file(m.path("vm0", "nodes", "d0", "bitmaps", "b0", "extents")) == [
+        (MiB, 64 * KiB)]  # fmt: skip
+    m.stop()
+    qemu_img("check", image)
+    assert qemu_nbd_map(tmp_path, image, "b0") == [(MiB, 64 * KiB)]
