@@ -84,6 +84,12 @@ def test_bad_granularities_are_refused(granularity: int) -> None:
         check_granularity(granularity, "node 'n'")
 
 
+def test_a_bitmap_too_fine_for_memory_is_refused() -> None:
+    check_granularity(65536, "node 'n'", 1 << 40)
+    with pytest.raises(ControlError, match="choose a larger granularity"):
+        check_granularity(512, "node 'n'", 1 << 40)
+
+
 def test_a_set_refuses_duplicates_and_tracks_enabled() -> None:
     s = BitmapSet("n")
     s.add(DirtyBitmap("a", 1 << 20))

@@ -124,7 +124,7 @@ async def add(graph: Graph, node: Node, text: str) -> None:
                     f"{_where(node)}: bitmaps/add: '{word}' is neither a granularity nor "
                     "'persistent' or 'disabled'"
                 ) from None
-    check_granularity(granularity, f"{_where(node)}: bitmap '{name}'")
+    check_granularity(granularity, f"{_where(node)}: bitmap '{name}'", node.size)
     if name in node.bitmaps:
         raise ControlError(f"{_where(node)}: a bitmap named '{name}' exists")
     if persistent and not node.persistent_bitmaps:

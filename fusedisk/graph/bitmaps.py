@@ -29,6 +29,8 @@ DEFAULT_GRANULARITY = 64 << 10
 MIN_GRANULARITY = 512
 MAX_GRANULARITY = 1 << 31
 MAX_NAME_BYTES = 1023  # QEMU's limit for a name kept in qcow2
+#: granules of one bitmap (one byte of memory each): 128 MiB, 8 PiB at 64 KiB
+MAX_GRANULES = 1 << 27
 
 
 def check_name(name: str, where: str) -> None:
@@ -44,7 +46,13 @@ def check_name(name: str, where: str) -> None:
         )
 
 
-def check_granularity(granularity: int, where: str) -> None:
+def check_granularity(granularity: int, where: str, size: int = 0) -> None:
+    """A power of two QEMU accepts, and not so fine that the bitmap would not fit in memory."""
+    if size and -(-size // max(granularity, 1)) > MAX_GRANULES:
+        raise ControlError(
+            f"{where}: granularity {granularity} over {size} bytes makes more than "
+            f"{MAX_GRANULES} bits (one byte of memory each); choose a larger granularity"
+        )
     if granularity & (granularity - 1) or not MIN_GRANULARITY <= granularity <= MAX_GRANULARITY:
         raise ControlError(
             f"{where}: granularity {granularity} must be a power of two from "

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fusedisk.errors import CorruptImage, NotSupported
+from fusedisk.errors import ControlError, CorruptImage, NotSupported
 from fusedisk.formats.qcow2.layout import AUTOCLEAR_BITMAPS, EXT_BITMAPS, EXT_END, OFF_AUTOCLEAR
-from fusedisk.graph.bitmaps import BitmapSet, DirtyBitmap
+from fusedisk.graph.bitmaps import BitmapSet, DirtyBitmap, check_granularity
 
 if TYPE_CHECKING:
     from fusedisk.formats.qcow2.image import Qcow2Image
@@ -187,6 +187,11 @@ class BitmapStore:
         image = self.image
         inconsistent = bool(e.flags & FLAG_IN_USE) or not e.usable
         granularity = 1 << e.granularity_bits if e.usable else 1 << 16
+        if not inconsistent:
+            try:
+                check_granularity(granularity, f"{image.where}: bitmap '{e.name}'", image.h.size)
+            except ControlError as err:
+                raise NotSupported(str(err)) from None
         bitmap = DirtyBitmap(e.name, image.h.size, granularity, enabled=bool(e.flags & FLAG_AUTO),
                              persistent=True, inconsistent=inconsistent)  # fmt: skip
         if inconsistent:
