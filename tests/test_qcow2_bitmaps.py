@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import needs
-from tests.nbd_helpers import external_servers, nbd_uri
+from tests.nbd_helpers import Server, external_servers, nbd_uri
 from tests.qcow2_helpers import KiB, MiB, create, needs_qemu, qemu_img
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120), needs_qemu]
@@ -216,7 +216,8 @@ def test_nbd_exports_each_bitmap_as_qemu_nbd_does(tmp_path, write_spec, mount) -
     image = create(tmp_path / "d.qcow2", "32M")
     qemu_img("bitmap", "--add", image, "b0")
     sock = tmp_path / "nbd.sock"
-    m = mount(write_spec(SPEC.format(image=image.name)), extra_args=("--nbd", f"unix:{sock}"))
+    spec = write_spec(SPEC.format(image=image.name))
+    m = mount(spec, extra_args=("--nbd", f"unix:{sock}"))
     control(m.path("vm0", "bitmaps", "add"), "mem 4k")
     for offset, length in [(0, 1), (5 * MiB, 300 * KiB), (31 * MiB, 1 * MiB)]:
         write(m.path("vm0.img"), offset, b"w" * length)
@@ -230,6 +231,11 @@ def test_nbd_exports_each_bitmap_as_qemu_nbd_does(tmp_path, write_spec, mount) -
         assert context in listed
     m.stop()
     assert qemu_nbd_map(tmp_path, image, "b0") == served
+    server = Server(spec, tmp_path / "serve.sock")  # after a remount: the same extents
+    try:
+        assert nbdinfo_dirty(server.uri, "b0") == served
+    finally:
+        server.stop()
 
 
 SEED_TREE = """
