@@ -210,3 +210,27 @@ def test_a_guest_filesystem_across_a_remount(tmp_path, write_spec, mount) -> Non
             run("umount", mnt_fs)
     finally:
         subprocess.run(["losetup", "-d", loop])
+
+
+def test_bad_requests_get_sentences_and_leave_nothing(tmp_path, write_spec, mount) -> None:
+    create(tmp_path / "d.qcow2", "16M")
+    m = mount(write_spec(SPEC.format(bps=FAST)))
+    (tmp_path / "exists.qcow2").write_bytes(b"x")
+    cases = {
+        "relative.qcow2": "DEST must be an absolute path",
+        f"{tmp_path}/exists.qcow2": "a backup never overwrites a file",
+        f"{tmp_path}/a.qcow2 incremental": "an incremental backup needs bitmap=NAME",
+        f"{tmp_path}/a.qcow2 bitmap=x/y": "may not contain '/'",
+        f"{tmp_path}/a.qcow2 bitmap=add": "is the name of a control file",
+        f"{tmp_path}/a.qcow2 frobnicate": "unknown word 'frobnicate'",
+        f"'{tmp_path}/a.qcow2": "No closing quotation",
+        f"{tmp_path}/a.qcow2 bitmap=b0 incremental": "there is no bitmap 'b0'",
+    }
+    for text, message in cases.items():
+        with pytest.raises(OSError):
+            m.path("vm0", "backup").write_text(text + "\n")
+        assert message in m.path("last-error").read_text(), text
+    assert not (tmp_path / "a.qcow2").exists()
+    assert (tmp_path / "exists.qcow2").read_bytes() == b"x"
+    refused = backup(m, tmp_path / "a.qcow2", "--incremental")
+    assert refused.returncode == 1 and "needs bitmap=NAME" in refused.stderr

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusedisk.graph import backup_record
-from fusedisk.graph.bitmap_control import bitmap_node, disk_bitmaps
+from fusedisk.graph.bitmap_control import bitmap_node, check_new_name, disk_bitmaps
 from fusedisk.graph.bitmaps import DEFAULT_GRANULARITY, DirtyBitmap
 from fusedisk.graph.chain import hook, job_edge, temp_name
 from fusedisk.graph.copy import copy_chunks, write_data
@@ -114,7 +114,10 @@ class BackupJob(Job):
     def __init__(self, graph: Graph, disk: Disk, text: str) -> None:
         super().__init__(graph, disk)
         self.graph = graph
-        words = shlex.split(text)
+        try:
+            words = shlex.split(text)
+        except ValueError as e:
+            raise JobError(f"disk '{disk.name}': backup: {e} in {text!r}") from None
         if not words:
             raise JobError(f"disk '{disk.name}': backup: write '{USAGE}'")
         self.dest = Path(words[0])
@@ -156,6 +159,7 @@ class BackupJob(Job):
             if self.incremental:
                 raise self._fail(f"there is no bitmap '{self.bitmap_name}'; make a full "
                                  "backup with it first")  # fmt: skip
+            check_new_name(self.bitmap_name, f"disk '{self.disk.name}': backup")
             return None
         bitmap = bitmaps.get(self.bitmap_name)
         if bitmap.inconsistent:

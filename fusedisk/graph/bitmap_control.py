@@ -73,6 +73,14 @@ def disk_bitmaps(disk: Disk) -> BitmapSet | None:
     return node.bitmaps if node.size == disk.size else None
 
 
+def check_new_name(name: str, where: str) -> None:
+    """A name a new bitmap may take: storable in qcow2, and no command file's."""
+    check_name(name, where)
+    if name in COMMANDS:
+        raise ControlError(f"{where}: '{name}' is the name of a control file; "
+                           "choose another bitmap name")  # fmt: skip
+
+
 def _where(node: Node) -> str:
     return f"node '{node.name}'"
 
@@ -107,10 +115,7 @@ async def add(graph: Graph, node: Node, text: str) -> None:
         raise ControlError(f"{_where(node)}: bitmaps/add: write 'NAME [GRANULARITY] "
                            "[persistent] [disabled]'")  # fmt: skip
     name, granularity, persistent, enabled = words[0], DEFAULT_GRANULARITY, False, True
-    check_name(name, _where(node))
-    if name in COMMANDS:
-        raise ControlError(f"{_where(node)}: '{name}' is the name of a control file; "
-                           "choose another bitmap name")  # fmt: skip
+    check_new_name(name, _where(node))
     for word in words[1:]:
         if word == "persistent":
             persistent = True
