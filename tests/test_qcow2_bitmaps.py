@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs
+from tests.conftest import cli, needs
 from tests.nbd_helpers import Server, external_servers, nbd_uri
 from tests.qcow2_helpers import KiB, MiB, create, needs_qemu, qemu_img
 
@@ -107,6 +107,8 @@ def test_qemu_bitmaps_are_kept_and_updated(tmp_path, write_spec, mount) -> None:
     shown = info_bitmaps(image)
     assert shown["b0"]["flags"] == ["auto"] and shown["b1"]["granularity"] == 128 * KiB
     assert shown["b2"]["flags"] == []
+    ours_info = json.loads(cli("info", "--json", image).stdout)  # fusedisk info agrees
+    assert ours_info["format-specific"]["data"]["bitmaps"] == list(shown.values())
     qemu_img("check", image)
     assert qemu_nbd_map(tmp_path, image, "b0") == ours
     assert qemu_nbd_map(tmp_path, image, "b1") == b1

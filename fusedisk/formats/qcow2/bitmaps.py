@@ -113,6 +113,31 @@ def parse_directory(buf: bytes, count: int, where: str) -> list[Entry]:
     return entries
 
 
+def directory_location(
+    ext: bytes, cluster_size: int, file_size: int, where: str
+) -> tuple[int, int, int]:
+    """(count, size, offset) of the bitmap directory the extension's bytes name, checked."""
+    if len(ext) < _EXT.size:
+        raise CorruptImage(f"{where}: the bitmaps header extension is too short")
+    count, _, dsize, doff = _EXT.unpack_from(ext)
+    if not 0 < count <= MAX_BITMAPS or not 0 < dsize <= MAX_DIRECTORY:
+        raise CorruptImage(f"{where}: the bitmaps extension's directory ({count} bitmaps, "
+                           f"{dsize} bytes) is invalid")  # fmt: skip
+    if doff % cluster_size or doff + dsize > file_size:
+        raise CorruptImage(f"{where}: the bitmap directory at {doff:#x} is misplaced")
+    return count, dsize, doff
+
+
+def describe_entries(entries: list[Entry]) -> list[dict[str, object]]:
+    """The bitmaps as `qemu-img info --output=json` lists them."""
+    out: list[dict[str, object]] = []
+    for e in entries:
+        flags = [name for bit, name in ((FLAG_IN_USE, "in-use"), (FLAG_AUTO, "auto"))
+                 if e.flags & bit]  # fmt: skip
+        out.append({"flags": flags, "name": e.name, "granularity": 1 << e.granularity_bits})
+    return out
+
+
 class BitmapStore:
     """What an image's bitmaps extension holds, and how to rewrite it (module doc)."""
 
@@ -147,15 +172,7 @@ class BitmapStore:
                 "its bitmaps are inconsistent and ignored", where,
             )  # fmt: skip
             return
-        if len(h.bitmaps_ext) < _EXT.size:
-            raise CorruptImage(f"{where}: the bitmaps header extension is too short")
-        count, _, dsize, doff = _EXT.unpack_from(h.bitmaps_ext)
-        fsize = image.file.size
-        if not 0 < count <= MAX_BITMAPS or not 0 < dsize <= MAX_DIRECTORY:
-            raise CorruptImage(f"{where}: the bitmaps extension's directory ({count} bitmaps, "
-                               f"{dsize} bytes) is invalid")  # fmt: skip
-        if doff % image.cs or doff + dsize > fsize:
-            raise CorruptImage(f"{where}: the bitmap directory at {doff:#x} is misplaced")
+        count, dsize, doff = directory_location(h.bitmaps_ext, image.cs, image.file.size, where)
         entries = parse_directory(await image.file.read(doff, dsize), count, where)
         self.entries, self.dir_offset, self.dir_size = entries, doff, dsize
         for e in entries:
