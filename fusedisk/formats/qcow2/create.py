@@ -189,6 +189,7 @@ def create_qcow2(
         if data_file_raw:
             h.autoclear |= AUTOCLEAR_DATA_FILE_RAW
 
+    h.check_size(size, where)  # an L1 table QEMU would refuse, or too big to build
     # metadata layout: header, refcount table, refcount blocks, L1 table
     cs = cluster_size
     h.l1_size = h.l1_entries_needed(size)
