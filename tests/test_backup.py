@@ -55,6 +55,20 @@ def same(chain: Path, ref: Path) -> None:
     qemu_img("compare", "-f", "qcow2", "-F", "raw", chain, ref)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGSTOP a writer and wait until each of its threads is stopped: a write it had
+    in flight has then returned (a thread stops only on its way back to user space)."""
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    tasks = Path(f"/proc/{proc.pid}/task")
+    while time.monotonic() < deadline:
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+        if all(state in "tT" for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError("fio did not stop")
+
+
 def job(m) -> dict:
     return json.loads(m.path("vm0", "job").read_text())
 
@@ -78,8 +92,7 @@ def test_full_then_incrementals_while_fio_writes(tmp_path, write_spec, mount) ->
     try:
         time.sleep(1)
         for i in range(3):
-            fio.send_signal(signal.SIGSTOP)
-            time.sleep(0.3)  # a write in flight ends before fio stops
+            stop(fio)
             ref = tmp_path / f"ref{i}.raw"
             reference(m, ref)
             dest = tmp_path / f"b{i}.qcow2"
