@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,12 @@ def record_path(spec_path: Path) -> Path:
 
 def _load(spec_path: Path) -> dict[str, Any]:
     path = record_path(spec_path)
-    try:
-        doc = json.loads(path.read_text())
+    try:  # fusedisk writes this file itself: a symlink or FIFO there is refused, unread
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            doc = json.loads(f.read())
     except FileNotFoundError:
         return {"version": VERSION, "disks": {}}
     except (OSError, ValueError) as e:
