@@ -131,6 +131,8 @@ def test_bitmaps_survive_a_remount_and_clear(tmp_path, write_spec, mount) -> Non
     control(m.path("vm0", "bitmaps", "clear"), "b0")
     write(m.path("vm0.img"), 3 * MiB + 5, b"y")
     assert extents_file(b0 / "extents") == [(3 * MiB, 64 * KiB)]
+    metrics = m.path("metrics").read_text()
+    assert 'fusedisk_node_bitmap_dirty_bytes{node="d0",bitmap="b0"} 65536' in metrics
     control(m.path("vm0", "bitmaps", "disable"), "b0")
     write(m.path("vm0.img"), 5 * MiB, b"z")
     assert extents_file(b0 / "extents") == [(3 * MiB, 64 * KiB)]
