@@ -1,6 +1,7 @@
 """The qcow2 format driver (QEMU's copy-on-write images), split by concern:
 
-- layout.py     header, extensions, feature bits, entry bit fields
+- layout.py     header fields, feature bits, entry bit fields; packing a header
+- header.py     parsing and checking a header: fields, extensions, features, tables
 - mapping.py    guest -> host cluster mapping, the L2 cache
 - refcount.py   refcounts and host cluster allocation
 - snapshots.py  the internal snapshot table

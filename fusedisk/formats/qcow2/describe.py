@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from fusedisk.formats.qcow2 import bitmaps, layout
+from fusedisk.formats.qcow2.header import parse_header
 from fusedisk.formats.qcow2.snapshots import read_snapshot_table
 from fusedisk.hostio.files import backing_path, open_host_file
 
@@ -23,7 +24,7 @@ def describe(path: str) -> dict[str, Any]:
     fd, _ = open_host_file(path, False, where)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        h = layout.parse_header(os.pread(fd, HEAD_BYTES, 0), size, path)
+        h = parse_header(os.pread(fd, HEAD_BYTES, 0), size, path)
         info = _header_info(path, h)
         if h.nb_snapshots:
             info["snapshots"] = trio.run(_snapshots, fd, h, size, where)

@@ -15,6 +15,7 @@ import numpy as np
 
 from fusedisk.errors import CorruptImage, OpenError
 from fusedisk.formats.qcow2.core import ImageCore
+from fusedisk.formats.qcow2.header import check_overlaps, parse_header
 from fusedisk.formats.qcow2.layout import (
     INCOMPAT_CORRUPT,
     MAGIC,
@@ -23,8 +24,6 @@ from fusedisk.formats.qcow2.layout import (
     OFF_CLUSTER_BITS,
     OFFSET_MASK,
     REFTABLE_OFFSET_MASK,
-    check_overlaps,
-    parse_header,
 )
 from fusedisk.formats.qcow2.mapping import ClusterMap, decode_l2
 from fusedisk.formats.qcow2.refcount import MetaIO, Refcounts
