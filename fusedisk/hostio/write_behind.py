@@ -26,6 +26,12 @@ What keeps that safe:
   it would from a disk whose cache could not be written.
 - **Bounded.**  At most `max_bytes` are queued per file; a write beyond that
   waits for the oldest (backpressure, as dirty-page throttling would give).
+- **Write-through where a reply must mean more.**  A front whose clients take
+  a write's reply to mean the data has left the daemon sets `WRITE_THROUGH`
+  in the task that writes: the write then returns once it is in the file.
+  The NBD export does (an NBD client may exit without a word, and the daemon
+  be killed, before the daemon has even read the end of its stream); a FUSE
+  close(2) waits for a flush instead.
 - **Data not copied twice.**  `bytes` are kept as they are; a mutable buffer
   (luks reuses its output buffers) is copied first.
 
@@ -38,6 +44,7 @@ into whatever file next gets that descriptor number.
 from __future__ import annotations
 
 import collections
+import contextvars
 import errno
 import os
 import queue
@@ -56,6 +63,10 @@ DEFAULT_MAX_BYTES = 16 << 20
 #: writes touch (a dict lookup per chunk, then an exact check of the few writes there),
 #: not by scanning a queue that may hold thousands of writes
 CHUNK_BITS = 16
+
+#: set to True in a task whose writes must be in the file (page cache) when they
+#: return, not just queued: its caller's reply promises the data outlives the daemon
+WRITE_THROUGH: contextvars.ContextVar[bool] = contextvars.ContextVar("write_through", default=False)
 
 
 def _chunks(offset: int, length: int) -> range:
@@ -126,7 +137,8 @@ class WriteBehind:
         return self._done < self._seq
 
     async def write(self, offset: int, data: Buffer) -> None:
-        """Queue a write; returns at once unless `max_bytes` are already queued."""
+        """Queue a write; returns at once unless `max_bytes` are already queued
+        (or the task asked for WRITE_THROUGH: then once it is written)."""
         self._raise_failure()
         if self._closed:
             raise OSError(errno.EBADF, f"{self.where}: the file is closed")
@@ -145,6 +157,9 @@ class WriteBehind:
         self._bytes += len(w.data)
         self.queued += 1
         self._queue.put(w)
+        if WRITE_THROUGH.get():
+            await self._wait_for(w.seq)
+            self._raise_failure()
 
     def _half_drained(self) -> int:
         """The write after which at most half of `max_bytes` is queued.

@@ -7,6 +7,10 @@ in completion order, each whole (Connection.send).  At most MAX_IN_FLIGHT
 requests run per connection: the reader stops reading until one finishes,
 which bounds the memory a client can pin.
 
+A write is answered once its data is in the host file, not merely queued
+beside it (WRITE_THROUGH): the end of a connection that wrote flushes the
+disk, but a client that exits without NBD_CMD_DISC does not wait for that.
+
 Disk operations run shielded from cancellation: a write cut in half inside a
 format (qcow2 metadata) would be worse than the delay of letting it finish
 when the daemon stops.  A client that vanishes leaves its requests running to
@@ -26,6 +30,7 @@ from fusedisk.export.nbd.connection import ClientGone, Connection
 from fusedisk.export.nbd.handshake import BASE_ALLOCATION_ID, Session
 from fusedisk.graph.disk import is_zero
 from fusedisk.graph.extents import Status
+from fusedisk.hostio.write_behind import WRITE_THROUGH
 
 log = logging.getLogger("fusedisk")
 
@@ -56,12 +61,14 @@ class Transmission:
         Raises ClientGone or ProtocolError (after the in-flight requests are
         done) when the client vanished or broke the protocol.
         """
-        async with trio.open_nursery() as outer:
-            await outer.start(self.conn.writer)
-            async with trio.open_nursery() as nursery:
-                ended = await self._read_requests(nursery)
-            self.conn.finish_writing()
-        await self._flush_at_end()
+        try:
+            async with trio.open_nursery() as outer:
+                await outer.start(self.conn.writer)
+                async with trio.open_nursery() as nursery:
+                    ended = await self._read_requests(nursery)
+                self.conn.finish_writing()
+        finally:  # however it ended: DISC, end of stream, reset, error, cancelled
+            await self._flush_at_end()
         if ended is not None:
             raise ended
 
@@ -103,6 +110,9 @@ class Transmission:
             nursery.start_soon(self._serve, req, payload)
 
     async def _serve(self, req: p.Request, payload: bytes) -> None:
+        # a write's reply says the data is in the host file: the client may exit
+        # without NBD_CMD_DISC and the daemon die before it reads the end of the stream
+        WRITE_THROUGH.set(True)
         try:
             error = p.check_request(
                 req, self.disk.size, self.disk.read_only, self.session.structured
