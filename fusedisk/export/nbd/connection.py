@@ -7,8 +7,9 @@ has queued up in a single send(2) per scheduler pass.  At 16 requests in
 flight that is one syscall and one wake-up of the client for several
 replies, where a send per reply made the daemon's sends its largest cost
 (measured with cProfile under fio: 72 µs per send(2) on a loaded machine).
-The queue is bounded: a client that does not read its replies stops being
-served once MAX_QUEUED bytes wait for it.
+What may queue is bounded by the bytes in flight (budget.py): a request
+gives its bytes back once its reply has gone to the socket (`send`'s
+`on_sent`), so a client that does not read its replies stops being read.
 
 A client that vanishes is not an error of the daemon: reads raise
 ClientGone, replies after that are dropped quietly, and the requests already
@@ -18,6 +19,7 @@ running still finish.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 import trio
 
@@ -25,8 +27,6 @@ from fusedisk.export.nbd.protocol import ProtocolError
 
 #: a batch of replies up to this size goes out joined in one send(2)
 COALESCE = 1 << 20
-#: senders wait while this much reply data is queued for a slow reader
-MAX_QUEUED = 64 << 20
 
 
 class ClientGone(Exception):
@@ -40,9 +40,8 @@ class Connection:
         self._buf = bytearray()
         self.broken = False
         self._queue: list[bytes] = []
-        self._queued = 0
+        self._sent_calls: list[Callable[[], None]] = []  # when the queue has been sent
         self._wake: trio.Event | None = None  # set when the writer task is running
-        self._drained = trio.Event()
         self._closing = False
 
     async def receive_exactly(self, n: int) -> bytes:
@@ -70,22 +69,23 @@ class Connection:
             raise ProtocolError(f"TLS handshake failed: {e.__cause__ or e}") from None
         self.stream = stream
 
-    async def send(self, *parts: bytes) -> None:
+    async def send(self, *parts: bytes, on_sent: Callable[[], None] | None = None) -> None:
         """Send `parts` back to back, never interleaved with another reply.
 
         Dropped if the client has gone.  With the writer running, this queues
-        and returns (waiting only while too much is queued).
+        and returns.  `on_sent` is called once the parts have gone to the
+        socket (or were dropped).
         """
-        if self.broken:
-            return
-        if self._wake is None:
-            await self._send_now(list(parts))
+        if self.broken or self._wake is None:
+            if not self.broken:
+                await self._send_now(list(parts))
+            if on_sent is not None:
+                on_sent()
             return
         self._queue.extend(part for part in parts if part)
-        self._queued += sum(len(part) for part in parts)
+        if on_sent is not None:
+            self._sent_calls.append(on_sent)
         self._wake.set()
-        while self._queued > MAX_QUEUED and not self.broken:
-            await self._drained.wait()
 
     async def _send_now(self, parts: list[bytes]) -> None:
         total = sum(len(part) for part in parts)
@@ -108,18 +108,20 @@ class Connection:
             while True:
                 await wake.wait()
                 wake = self._wake = trio.Event()
-                while self._queue and not self.broken:
-                    batch, self._queue, self._queued = self._queue, [], 0
-                    await self._send_now(batch)
-                    drained, self._drained = self._drained, trio.Event()
-                    drained.set()
-                if self.broken:
-                    self._queue, self._queued = [], 0
-                    self._drained.set()
-                if self._closing and not self._queue:
+                while self._queue or self._sent_calls:
+                    batch, self._queue = self._queue, []
+                    calls, self._sent_calls = self._sent_calls, []
+                    if not self.broken:
+                        await self._send_now(batch)
+                    for call in calls:
+                        call()
+                if self._closing:
                     return
         finally:
             self._wake = None
+            for call in self._sent_calls:  # cancelled: nothing more goes out
+                call()
+            self._queue, self._sent_calls = [], []
 
     def finish_writing(self) -> None:
         """The writer sends what is queued, then ends."""

@@ -24,6 +24,7 @@ import trio
 
 from fusedisk.errors import SpecError
 from fusedisk.export.nbd.address import Address, parse_address
+from fusedisk.export.nbd.budget import DAEMON_BYTES, Budget
 from fusedisk.export.nbd.connection import ClientGone, Connection
 from fusedisk.export.nbd.handshake import Negotiation
 from fusedisk.export.nbd.protocol import ProtocolError
@@ -95,8 +96,11 @@ async def serve_connection(
     stream: trio.abc.Stream,
     peer: str,
     tls: ssl.SSLContext | None = None,
+    budget: Budget | None = None,
 ) -> None:
-    """Negotiate with one client and serve it until it leaves (or breaks the protocol)."""
+    """Negotiate with one client and serve it until it leaves (or breaks the protocol).
+
+    `budget` is the daemon's bytes in flight, shared by its connections."""
     conn = Connection(stream, peer)
     try:
         with trio.fail_after(NEGOTIATION_TIMEOUT):
@@ -104,7 +108,7 @@ async def serve_connection(
         if session is None:
             return
         log.info("nbd %s: serving disk '%s'", peer, session.disk.name)
-        await Transmission(conn, session).run()
+        await Transmission(conn, session, budget).run()
         log.info("nbd %s: disk '%s': disconnected", peer, session.disk.name)
     except ProtocolError as e:
         log.warning("nbd %s: %s; disconnecting", peer, e)
@@ -175,8 +179,10 @@ async def _serve_listeners(
     *,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    budget = Budget(DAEMON_BYTES)
+
     async def handler(stream: trio.SocketStream) -> None:
-        await serve_connection(graph.disks, stream, _peer_name(stream), tls)
+        await serve_connection(graph.disks, stream, _peer_name(stream), tls, budget)
 
     if addr.path is None and listeners:
         host, port = listeners[0].socket.getsockname()[:2]

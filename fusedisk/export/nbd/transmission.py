@@ -5,7 +5,9 @@ task, so a slow flush does not hold up the reads queued behind it (clients
 such as qemu and nbdcopy keep tens of requests in flight).  Replies go back
 in completion order, each whole (Connection.send).  At most MAX_IN_FLIGHT
 requests run per connection: the reader stops reading until one finishes,
-which bounds the memory a client can pin.
+and each request first takes its bytes from the connection's and the daemon's
+budgets (budget.py), given back once its reply is on the socket: that bounds
+the memory a client can pin, even one that never reads its replies.
 
 A write is answered once its data is in the host file, not merely queued
 beside it (WRITE_THROUGH): the end of a connection that wrote flushes the
@@ -26,6 +28,7 @@ import trio
 
 from fusedisk.errors import FuseDiskError, to_errno
 from fusedisk.export.nbd import protocol as p
+from fusedisk.export.nbd.budget import CONNECTION_BYTES, DAEMON_BYTES, Budget, Hold
 from fusedisk.export.nbd.connection import ClientGone, Connection
 from fusedisk.export.nbd.handshake import BASE_ALLOCATION_ID, Session
 from fusedisk.graph.disk import is_zero
@@ -37,6 +40,16 @@ log = logging.getLogger("fusedisk")
 MAX_IN_FLIGHT = 64
 #: block status replies carry at most this many extents (the client asks again)
 MAX_EXTENTS = 16384
+BLOCK_STATUS_BYTES = MAX_EXTENTS * 8
+
+
+def request_bytes(req: p.Request) -> int:
+    """What a request may hold in memory: its data, or its reply's at most."""
+    if req.type in (p.CMD_READ, p.CMD_WRITE):
+        return min(req.length, p.MAX_REQUEST)
+    if req.type == p.CMD_BLOCK_STATUS:
+        return BLOCK_STATUS_BYTES
+    return 0
 
 
 class RequestError(Exception):
@@ -48,11 +61,16 @@ class RequestError(Exception):
 
 
 class Transmission:
-    def __init__(self, conn: Connection, session: Session) -> None:
+    def __init__(
+        self, conn: Connection, session: Session, daemon_budget: Budget | None = None
+    ) -> None:
         self.conn = conn
         self.session = session
         self.disk = session.disk
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self.budget = Budget(CONNECTION_BYTES)
+        self.daemon_budget = daemon_budget or Budget(DAEMON_BYTES)
+        self._holds: dict[int, Hold] = {}  # id(request) -> its bytes, until its reply is sent
         self._wrote = False  # the client wrote (a write, trim or write-zeroes)
 
     async def run(self) -> None:
@@ -88,8 +106,11 @@ class Transmission:
         """Start a task per request; returns why the stream ended (None: NBD_CMD_DISC)."""
         while True:
             await self._slots.acquire()
+            hold = Hold(self.budget, self.daemon_budget)
             try:
                 req = p.parse_request(await self.conn.receive_exactly(p.REQUEST.size))
+                # not another byte read from this client until the request's fit
+                await hold.take(request_bytes(req))
                 payload = b""
                 if req.type == p.CMD_WRITE:
                     if req.length > p.MAX_REQUEST:
@@ -99,15 +120,24 @@ class Transmission:
                         )
                     payload = await self.conn.receive_exactly(req.length)
             except (ClientGone, p.ProtocolError) as e:
+                hold.release()
                 self._slots.release()
                 return e
             except BaseException:
+                hold.release()
                 self._slots.release()
                 raise
             if req.type == p.CMD_DISC:
+                hold.release()
                 self._slots.release()
                 return None
+            self._holds[id(req)] = hold
             nursery.start_soon(self._serve, req, payload)
+
+    async def _send(self, req: p.Request, *parts: bytes) -> None:
+        """The reply to `req`; its bytes in flight are given back once it is on the socket."""
+        hold = self._holds.pop(id(req), None)
+        await self.conn.send(*parts, on_sent=hold.release if hold else None)
 
     async def _serve(self, req: p.Request, payload: bytes) -> None:
         # a write's reply says the data is in the host file: the client may exit
@@ -132,6 +162,9 @@ class Transmission:
                           self.disk.name, req.name)  # fmt: skip
             await self._error(req, p.EIO, f"internal error: {e}")
         finally:
+            hold = self._holds.pop(id(req), None)
+            if hold is not None:  # no reply went out (cancelled)
+                hold.release()
             self._slots.release()
 
     def _refusal(self, req: p.Request, error: int) -> str:
@@ -146,15 +179,15 @@ class Transmission:
 
     async def _error(self, req: p.Request, error: int, message: str) -> None:
         if self.session.structured:
-            await self.conn.send(p.error_chunk(req.cookie, error, message))
+            await self._send(req, p.error_chunk(req.cookie, error, message))
         else:
-            await self.conn.send(p.simple_reply(req.cookie, error))
+            await self._send(req, p.simple_reply(req.cookie, error))
 
     async def _done(self, req: p.Request) -> None:
         if self.session.structured:
-            await self.conn.send(p.chunk_header(req.cookie, p.REPLY_TYPE_NONE, 0, True))
+            await self._send(req, p.chunk_header(req.cookie, p.REPLY_TYPE_NONE, 0, True))
         else:
-            await self.conn.send(p.simple_reply(req.cookie))
+            await self._send(req, p.simple_reply(req.cookie))
 
     async def _execute(self, req: p.Request, payload: bytes) -> None:
         disk = self.disk
@@ -182,7 +215,7 @@ class Transmission:
     async def _read(self, req: p.Request) -> None:
         data = await self.disk.read(req.offset, req.length) if req.length else b""
         if not self.session.structured:
-            await self.conn.send(p.simple_reply(req.cookie), data)
+            await self._send(req, p.simple_reply(req.cookie), data)
             return
         if not data:
             await self._done(req)
@@ -190,10 +223,10 @@ class Transmission:
             # a hole chunk saves the client reading (and the wire carrying) zeroes
             body = struct.pack(">QI", req.offset, len(data))
             header = p.chunk_header(req.cookie, p.REPLY_TYPE_OFFSET_HOLE, len(body), True)
-            await self.conn.send(header + body)
+            await self._send(req, header + body)
         else:
             header = p.chunk_header(req.cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + len(data), True)
-            await self.conn.send(header + req.offset.to_bytes(8, "big"), data)
+            await self._send(req, header + req.offset.to_bytes(8, "big"), data)
 
     async def _write_zeroes(self, req: p.Request) -> None:
         if req.flags & p.CMD_FLAG_FAST_ZERO and not await self._reads_as_zero(req):
@@ -228,4 +261,4 @@ class Transmission:
         pairs = pairs[:1] if req.flags & p.CMD_FLAG_REQ_ONE else pairs[:MAX_EXTENTS]
         if not pairs:
             raise RequestError(p.EIO, "the disk reported no extents")
-        await self.conn.send(p.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, pairs))
+        await self._send(req, p.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, pairs))
