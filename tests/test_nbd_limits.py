@@ -8,6 +8,7 @@ at most that much.
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def flood_with_big_reads(sock: Path, requests: int = 64) -> RawClient:
     """A client that pipelines 32 MiB reads and never reads a reply."""
     client = RawClient(sock)
     client.go("vm0")
-    client.s.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
+    client.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     for cookie in range(requests):
         client.request(p.CMD_READ, 0, p.MAX_REQUEST, cookie=cookie)
     return client
