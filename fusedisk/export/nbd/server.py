@@ -24,9 +24,9 @@ import trio
 
 from fusedisk.errors import SpecError
 from fusedisk.export.nbd.address import Address, parse_address
-from fusedisk.export.nbd.budget import DAEMON_BYTES, Budget
 from fusedisk.export.nbd.connection import ClientGone, Connection
 from fusedisk.export.nbd.handshake import Negotiation
+from fusedisk.export.nbd.limits import DaemonLimits
 from fusedisk.export.nbd.protocol import ProtocolError
 from fusedisk.export.nbd.tls import server_context
 from fusedisk.export.nbd.transmission import Transmission
@@ -96,11 +96,11 @@ async def serve_connection(
     stream: trio.abc.Stream,
     peer: str,
     tls: ssl.SSLContext | None = None,
-    budget: Budget | None = None,
+    limits: DaemonLimits | None = None,
 ) -> None:
     """Negotiate with one client and serve it until it leaves (or breaks the protocol).
 
-    `budget` is the daemon's bytes in flight, shared by its connections."""
+    `limits` are what the daemon's connections share (limits.py)."""
     conn = Connection(stream, peer)
     try:
         with trio.fail_after(NEGOTIATION_TIMEOUT):
@@ -108,7 +108,7 @@ async def serve_connection(
         if session is None:
             return
         log.info("nbd %s: serving disk '%s'", peer, session.disk.name)
-        await Transmission(conn, session, budget).run()
+        await Transmission(conn, session, limits).run()
         log.info("nbd %s: disk '%s': disconnected", peer, session.disk.name)
     except ProtocolError as e:
         log.warning("nbd %s: %s; disconnecting", peer, e)
@@ -179,10 +179,10 @@ async def _serve_listeners(
     *,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    budget = Budget(DAEMON_BYTES)
+    limits = DaemonLimits()
 
     async def handler(stream: trio.SocketStream) -> None:
-        await serve_connection(graph.disks, stream, _peer_name(stream), tls, budget)
+        await serve_connection(graph.disks, stream, _peer_name(stream), tls, limits)
 
     if addr.path is None and listeners:
         host, port = listeners[0].socket.getsockname()[:2]

@@ -28,9 +28,11 @@ import trio
 
 from fusedisk.errors import FuseDiskError, to_errno
 from fusedisk.export.nbd import protocol as p
-from fusedisk.export.nbd.budget import CONNECTION_BYTES, DAEMON_BYTES, Budget, Hold
+from fusedisk.export.nbd.block_status import MAX_EXTENTS, walk
+from fusedisk.export.nbd.budget import CONNECTION_BYTES, Budget, Hold
 from fusedisk.export.nbd.connection import ClientGone, Connection
 from fusedisk.export.nbd.handshake import BASE_ALLOCATION_ID, Session
+from fusedisk.export.nbd.limits import DaemonLimits
 from fusedisk.graph.disk import is_zero
 from fusedisk.graph.extents import Status
 from fusedisk.hostio.write_behind import WRITE_THROUGH
@@ -38,8 +40,6 @@ from fusedisk.hostio.write_behind import WRITE_THROUGH
 log = logging.getLogger("fusedisk")
 
 MAX_IN_FLIGHT = 64
-#: block status replies carry at most this many extents (the client asks again)
-MAX_EXTENTS = 16384
 BLOCK_STATUS_BYTES = MAX_EXTENTS * 8
 
 
@@ -62,14 +62,14 @@ class RequestError(Exception):
 
 class Transmission:
     def __init__(
-        self, conn: Connection, session: Session, daemon_budget: Budget | None = None
+        self, conn: Connection, session: Session, limits: DaemonLimits | None = None
     ) -> None:
         self.conn = conn
         self.session = session
         self.disk = session.disk
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self.budget = Budget(CONNECTION_BYTES)
-        self.daemon_budget = daemon_budget or Budget(DAEMON_BYTES)
+        self.limits = limits or DaemonLimits()
         self._holds: dict[int, Hold] = {}  # id(request) -> its bytes, until its reply is sent
         self._wrote = False  # the client wrote (a write, trim or write-zeroes)
 
@@ -106,7 +106,7 @@ class Transmission:
         """Start a task per request; returns why the stream ended (None: NBD_CMD_DISC)."""
         while True:
             await self._slots.acquire()
-            hold = Hold(self.budget, self.daemon_budget)
+            hold = Hold(self.budget, self.limits.bytes)
             try:
                 req = p.parse_request(await self.conn.receive_exactly(p.REQUEST.size))
                 # not another byte read from this client until the request's fit
@@ -246,19 +246,8 @@ class Transmission:
     async def _block_status(self, req: p.Request) -> None:
         if not self.session.base_allocation:
             raise RequestError(p.EINVAL, "block status needs the base:allocation context")
-        extents = await self.disk.block_status(req.offset, req.length)
-        pairs: list[tuple[int, int]] = []
-        for ext in extents:
-            flags = 0 if ext.status & Status.DATA else p.STATE_HOLE
-            if ext.status & Status.ZERO:
-                flags |= p.STATE_ZERO
-            if pairs and pairs[-1][1] == flags:
-                pairs[-1] = (pairs[-1][0] + ext.length, flags)
-            else:
-                pairs.append((ext.length, flags))
-            if len(pairs) > MAX_EXTENTS:
-                break
-        pairs = pairs[:1] if req.flags & p.CMD_FLAG_REQ_ONE else pairs[:MAX_EXTENTS]
+        one = bool(req.flags & p.CMD_FLAG_REQ_ONE)
+        pairs = await walk(self.disk, req.offset, req.length, one, self.limits.walks)
         if not pairs:
             raise RequestError(p.EIO, "the disk reported no extents")
         await self._send(req, p.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, pairs))
