@@ -8,16 +8,21 @@ at most that much.
 
 from __future__ import annotations
 
+import resource
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from fusedisk.export.nbd import protocol as p
 from fusedisk.export.nbd.budget import CONNECTION_BYTES, DAEMON_BYTES
-from tests.conftest import make_image, raw_spec
-from tests.nbd_helpers import RawClient, Server
+from fusedisk.export.nbd.transmission import FIRST_REQUEST_TIMEOUT
+from fusedisk.hostio.open_files import MIN_CONNECTIONS
+from tests.conftest import make_image, needs, raw_spec, run
+from tests.nbd_helpers import RawClient, Server, nbd_uri, run_tool
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -96,3 +101,103 @@ def test_many_such_clients_together_stop_at_the_daemons_bound(served):
         client.close()
     still_serves(served)
     assert grew < DAEMON_BYTES + 128 * MiB, f"grew by {grew // MiB} MiB"
+
+
+@contextmanager
+def open_file_limit(soft: int, hard: int) -> Iterator[None]:
+    """Start daemons under this soft RLIMIT_NOFILE (they inherit it); then the test's own."""
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+def limits_of(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no open-file limit")
+
+
+def idle_clients(sock: Path, count: int) -> list[RawClient]:
+    """`count` clients that chose vm0 and then do nothing."""
+    clients = []
+    try:
+        for _ in range(count):
+            client = RawClient(sock, timeout=10)
+            clients.append(client)
+            client.go("vm0")
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    return clients
+
+
+QCOW2_SPEC = '[nodes.d0]\ndriver = "qcow2"\nfilename = "d0.qcow2"\n\n[disks.vm0]\nnode = "d0"\n'
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(240)
+@needs("qemu-img", "nbdinfo")
+def test_many_idle_clients_leave_nbdinfo_and_snapshots_working(tmp_path, write_spec, mount):
+    """1,100 clients that chose a disk and sit idle, under the usual soft limit of 1024:
+    the daemon raised it to the hard limit, so nbdinfo and a snapshot still work; then
+    the idle ones are hung up on once FIRST_REQUEST_TIMEOUT has passed."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard open-file limit ({hard}) is too low for this test")
+    run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "d0.qcow2", "16M")
+    sock = tmp_path / "nbd.sock"
+    with open_file_limit(1024, hard):
+        m = mount(write_spec(QCOW2_SPEC), extra_args=("--nbd", f"unix:{sock}"))
+    assert m.proc is not None
+    soft_now, hard_now = limits_of(m.proc.pid)
+    assert soft_now == hard_now  # raised at start, as QEMU does
+    started = time.monotonic()
+    idle = idle_clients(sock, 1100)
+    try:
+        run_tool("nbdinfo", "--size", nbd_uri(sock))
+        m.path("vm0", "snapshot").write_text("s1\n")
+        assert (tmp_path / "d0.s1.qcow2").exists() or "s1" in m.path("vm0", "snapshots").read_text()
+        time.sleep(max(0.0, started + FIRST_REQUEST_TIMEOUT + 2 - time.monotonic()))
+        assert all(client.closed_by_server(wait=20) for client in idle[:: len(idle) // 10])
+    finally:
+        for client in idle:
+            client.close()
+    assert "no request within" in m.log
+
+
+def test_connections_over_the_cap_are_refused_with_a_log_line(tmp_path, write_spec):
+    make_image(tmp_path / "d0.img", MiB, b"data")
+    sock = tmp_path / "nbd.sock"
+
+    def low_limit() -> None:  # a cap of about 400 - RESERVED - what is open
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+    server = Server(write_spec(raw_spec()), sock, preexec_fn=low_limit)
+    clients: list[RawClient] = []
+    try:
+        refused = 0
+        for _ in range(200):
+            client = RawClient(sock, timeout=10)
+            clients.append(client)
+            try:
+                client.go("vm0")
+            except (EOFError, OSError):
+                refused += 1
+        assert 0 < refused < 200 - MIN_CONNECTIONS, refused
+        assert "connections are open, the cap" in server.log
+        for client in clients:
+            client.close()
+        clients.clear()
+        time.sleep(0.5)
+        still_serves(server)  # below the cap again
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()

@@ -25,6 +25,7 @@ from fusedisk.fuse.filesystem import MountFilesystem
 from fusedisk.fuse.kernel import mounting
 from fusedisk.fuse.kernel.session import KernelSession
 from fusedisk.graph.graph import Graph
+from fusedisk.hostio.open_files import raise_open_file_limit
 from fusedisk.spec import Spec
 
 log = logging.getLogger("fusedisk")
@@ -100,6 +101,7 @@ async def serve(
 ) -> None:
     """Open `spec`'s graph and serve it at `mountpoint` until unmounted."""
     tune_malloc()
+    raise_open_file_limit()
     graph = await Graph.open(spec)
     try:
         on_stop: Callable[[Callable[[], None]], Any] = stop_on_signals

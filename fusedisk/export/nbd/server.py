@@ -32,6 +32,7 @@ from fusedisk.export.nbd.tls import server_context
 from fusedisk.export.nbd.transmission import Transmission
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
+from fusedisk.hostio.open_files import connection_cap
 
 log = logging.getLogger("fusedisk")
 
@@ -179,16 +180,24 @@ async def _serve_listeners(
     *,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    limits = DaemonLimits()
+    limits = DaemonLimits(cap=connection_cap())
 
     async def handler(stream: trio.SocketStream) -> None:
-        await serve_connection(graph.disks, stream, _peer_name(stream), tls, limits)
+        peer = _peer_name(stream)
+        if not limits.admit(peer):
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await serve_connection(graph.disks, stream, peer, tls, limits)
+        finally:
+            limits.leave()
 
     if addr.path is None and listeners:
         host, port = listeners[0].socket.getsockname()[:2]
         addr = Address(host=addr.host or host, port=port)
-    log.info("serving %s over NBD at %s%s", ", ".join(graph.disks) or "no disks", addr,
-             " (TLS required)" if tls else "")  # fmt: skip
+    log.info("serving %s over NBD at %s%s (at most %d connections)",
+             ", ".join(graph.disks) or "no disks", addr, " (TLS required)" if tls else "",
+             limits.cap)  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handler, listeners)

@@ -40,6 +40,10 @@ from fusedisk.hostio.write_behind import WRITE_THROUGH
 log = logging.getLogger("fusedisk")
 
 MAX_IN_FLIGHT = 64
+#: a client that chose a disk and sends no request for this long is hung up on (it
+#: holds a descriptor for nothing); one that has sent requests may then stay quiet
+#: for as long as it likes (qemu and the kernel's client keep idle disks open)
+FIRST_REQUEST_TIMEOUT = 30.0
 BLOCK_STATUS_BYTES = MAX_EXTENTS * 8
 
 
@@ -104,11 +108,13 @@ class Transmission:
 
     async def _read_requests(self, nursery: trio.Nursery) -> Exception | None:
         """Start a task per request; returns why the stream ended (None: NBD_CMD_DISC)."""
+        first = True
         while True:
             await self._slots.acquire()
             hold = Hold(self.budget, self.limits.bytes)
             try:
-                req = p.parse_request(await self.conn.receive_exactly(p.REQUEST.size))
+                req = p.parse_request(await self._next_header(first))
+                first = False
                 # not another byte read from this client until the request's fit
                 await hold.take(request_bytes(req))
                 payload = b""
@@ -133,6 +139,15 @@ class Transmission:
                 return None
             self._holds[id(req)] = hold
             nursery.start_soon(self._serve, req, payload)
+
+    async def _next_header(self, first: bool) -> bytes:
+        """The next request header; the first must come within FIRST_REQUEST_TIMEOUT."""
+        if not first:
+            return await self.conn.receive_exactly(p.REQUEST.size)
+        with trio.move_on_after(FIRST_REQUEST_TIMEOUT):
+            return await self.conn.receive_exactly(p.REQUEST.size)
+        raise p.ProtocolError(f"no request within {FIRST_REQUEST_TIMEOUT:g} s of choosing "
+                              f"disk '{self.disk.name}'")  # fmt: skip
 
     async def _send(self, req: p.Request, *parts: bytes) -> None:
         """The reply to `req`; its bytes in flight are given back once it is on the socket."""
