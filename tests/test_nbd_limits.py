@@ -19,6 +19,7 @@ import pytest
 
 from fusedisk.export.nbd import protocol as p
 from fusedisk.export.nbd.budget import CONNECTION_BYTES, DAEMON_BYTES
+from fusedisk.export.nbd.connection import STALL_TIMEOUT
 from fusedisk.export.nbd.transmission import FIRST_REQUEST_TIMEOUT
 from fusedisk.hostio.open_files import MIN_CONNECTIONS
 from tests.conftest import make_image, needs, raw_spec, run
@@ -72,8 +73,8 @@ def served(tmp_path, write_spec):
         server.stop(check=server.proc.poll() is None)
 
 
-def still_serves(server: Server) -> None:
-    good = RawClient(server.sock)
+def still_serves(server: Server, timeout: float = 10.0) -> None:
+    good = RawClient(server.sock, timeout=timeout)
     good.go("vm0")
     good.request(p.CMD_READ, 4096, 4096, cookie=7)
     assert good.reply(4096) == (0, 7, b"data" * 1024)
@@ -97,10 +98,16 @@ def test_many_such_clients_together_stop_at_the_daemons_bound(served):
     bad = [flood_with_big_reads(served.sock, 8) for _ in range(8)]  # 8 x 64 MiB asked
     grew = peak_rss(served, 4.0) - base
     print(f"eight connections: +{grew // MiB} MiB")
+    assert grew < DAEMON_BYTES + 128 * MiB, f"grew by {grew // MiB} MiB"
+    # they hold the daemon's whole budget, so until they are hung up on for reading
+    # none of their replies, others wait
+    t0 = time.monotonic()
+    still_serves(served, timeout=STALL_TIMEOUT + 30)
+    print(f"a good client was served after {time.monotonic() - t0:.1f} s")
+    assert "read no reply for" in served.log
+    assert bad[0].closed_by_server(wait=10)  # it held the budget first: hung up on first
     for client in bad:
         client.close()
-    still_serves(served)
-    assert grew < DAEMON_BYTES + 128 * MiB, f"grew by {grew // MiB} MiB"
 
 
 @contextmanager

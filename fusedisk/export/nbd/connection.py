@@ -18,6 +18,7 @@ running still finish.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
 
@@ -27,6 +28,12 @@ from fusedisk.export.nbd.protocol import ProtocolError
 
 #: a batch of replies up to this size goes out joined in one send(2)
 COALESCE = 1 << 20
+#: a client that takes no piece of its replies for this long is hung up on: while
+#: it does not read, its replies hold their bytes in flight (budget.py)
+STALL_TIMEOUT = 30.0
+STALL_PIECE = 1 << 20
+
+log = logging.getLogger("fusedisk")
 
 
 class ClientGone(Exception):
@@ -93,10 +100,23 @@ class Connection:
             parts = [b"".join(parts)]
         try:
             for part in parts:
-                if part:
-                    await self.stream.send_all(part)
+                view = memoryview(part)
+                for at in range(0, len(view), STALL_PIECE):
+                    with trio.move_on_after(STALL_TIMEOUT):
+                        await self.stream.send_all(view[at : at + STALL_PIECE])
+                        continue
+                    await self._stalled()
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.broken = True
+
+    async def _stalled(self) -> None:
+        """The client has taken no reply bytes for STALL_TIMEOUT: hang up, so the bytes
+        its replies hold go back to the budgets and the reader stops waiting for it."""
+        log.warning("nbd %s: the client has read no reply for %g s; disconnecting",
+                    self.peer, STALL_TIMEOUT)  # fmt: skip
+        self.broken = True
+        await trio.aclose_forcefully(self.stream)
 
     async def writer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

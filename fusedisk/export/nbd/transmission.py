@@ -111,6 +111,9 @@ class Transmission:
         first = True
         while True:
             await self._slots.acquire()
+            if self.conn.broken:  # hung up on (its replies were not read): no more
+                self._slots.release()
+                return ClientGone("it read none of its replies")
             hold = Hold(self.budget, self.limits.bytes)
             try:
                 req = p.parse_request(await self._next_header(first))
