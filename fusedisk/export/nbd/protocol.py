@@ -328,7 +328,6 @@ def error_chunk(cookie: int, error: int, message: str) -> bytes:
 
 def block_status_chunk(cookie: int, context: int, extents: list[tuple[int, int]]) -> bytes:
     """`extents` as (length, base:allocation flags) pairs."""
-    payload = struct.pack(">I", context) + b"".join(
-        struct.pack(">II", length, flags) for length, flags in extents
-    )
+    flat = [value for pair in extents for value in pair]
+    payload = struct.pack(f">I{len(flat)}I", context, *flat)  # one call, not one per extent
     return chunk_header(cookie, REPLY_TYPE_BLOCK_STATUS, len(payload), True) + payload
