@@ -197,6 +197,7 @@ def test_connections_over_the_cap_are_refused_with_a_log_line(tmp_path, write_sp
                 client.go("vm0")
             except (EOFError, OSError):
                 refused += 1
+        print(f"{200 - refused} admitted, {refused} refused")
         assert 0 < refused < 200 - MIN_CONNECTIONS, refused
         assert "connections are open, the cap" in server.log
         for client in clients:
