@@ -153,8 +153,7 @@ QCOW2_SPEC = '[nodes.d0]\ndriver = "qcow2"\nfilename = "d0.qcow2"\n\n[disks.vm0]
 @needs("qemu-img", "nbdinfo")
 def test_many_idle_clients_leave_nbdinfo_and_snapshots_working(tmp_path, write_spec, mount):
     """1,100 clients that chose a disk and sit idle, under the usual soft limit of 1024:
-    the daemon raised it to the hard limit, so nbdinfo and a snapshot still work; then
-    the idle ones are hung up on once FIRST_REQUEST_TIMEOUT has passed."""
+    the daemon raised it to the hard limit, so nbdinfo and a snapshot still work."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 4096:
         pytest.skip(f"the hard open-file limit ({hard}) is too low for this test")
@@ -165,21 +164,18 @@ def test_many_idle_clients_leave_nbdinfo_and_snapshots_working(tmp_path, write_s
     assert m.proc is not None
     soft_now, hard_now = limits_of(m.proc.pid)
     assert soft_now == hard_now  # raised at start, as QEMU does
-    started = time.monotonic()
     idle = idle_clients(sock, 1100)
     try:
         run_tool("nbdinfo", "--size", nbd_uri(sock))
         m.path("vm0", "snapshot").write_text("s1\n")
         assert (tmp_path / "d0.s1.qcow2").exists() or "s1" in m.path("vm0", "snapshots").read_text()
-        time.sleep(max(0.0, started + FIRST_REQUEST_TIMEOUT + 2 - time.monotonic()))
-        assert all(client.closed_by_server(wait=20) for client in idle[:: len(idle) // 10])
     finally:
         for client in idle:
             client.close()
-    assert "no request within" in m.log
 
 
-def test_connections_over_the_cap_are_refused_with_a_log_line(tmp_path, write_spec):
+@pytest.mark.timeout(180)
+def test_connections_over_the_cap_are_refused_and_idle_ones_dropped(tmp_path, write_spec):
     make_image(tmp_path / "d0.img", MiB, b"data")
     sock = tmp_path / "nbd.sock"
 
@@ -200,6 +196,9 @@ def test_connections_over_the_cap_are_refused_with_a_log_line(tmp_path, write_sp
         print(f"{200 - refused} admitted, {refused} refused")
         assert 0 < refused < 200 - MIN_CONNECTIONS, refused
         assert "connections are open, the cap" in server.log
+        # crowded: those that chose a disk and sent nothing are hung up on in time
+        assert clients[0].closed_by_server(wait=FIRST_REQUEST_TIMEOUT + 20)
+        assert "no request within" in server.log
         for client in clients:
             client.close()
         clients.clear()

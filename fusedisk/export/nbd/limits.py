@@ -48,5 +48,9 @@ class DaemonLimits:
             self._refused_unlogged = 0
         return False
 
+    def crowded(self) -> bool:
+        """More than half the cap in use: idle newcomers may be hung up on."""
+        return self.connections > self.cap // 2
+
     def leave(self) -> None:
         self.connections -= 1

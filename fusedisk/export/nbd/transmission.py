@@ -40,9 +40,10 @@ from fusedisk.hostio.write_behind import WRITE_THROUGH
 log = logging.getLogger("fusedisk")
 
 MAX_IN_FLIGHT = 64
-#: a client that chose a disk and sends no request for this long is hung up on (it
-#: holds a descriptor for nothing); one that has sent requests may then stay quiet
-#: for as long as it likes (qemu and the kernel's client keep idle disks open)
+#: while connections crowd the cap (limits.py), a client that chose a disk and has
+#: sent no request for this long is hung up on: it holds a descriptor for nothing.
+#: Otherwise, and once it has sent a request, it may stay quiet as long as it likes:
+#: qemu, the kernel's client and our own nbd driver keep idle disks open for hours.
 FIRST_REQUEST_TIMEOUT = 30.0
 BLOCK_STATUS_BYTES = MAX_EXTENTS * 8
 
@@ -144,13 +145,18 @@ class Transmission:
             nursery.start_soon(self._serve, req, payload)
 
     async def _next_header(self, first: bool) -> bytes:
-        """The next request header; the first must come within FIRST_REQUEST_TIMEOUT."""
+        """The next request header; while connections crowd the cap, the first must
+        come within FIRST_REQUEST_TIMEOUT."""
         if not first:
             return await self.conn.receive_exactly(p.REQUEST.size)
-        with trio.move_on_after(FIRST_REQUEST_TIMEOUT):
-            return await self.conn.receive_exactly(p.REQUEST.size)
-        raise p.ProtocolError(f"no request within {FIRST_REQUEST_TIMEOUT:g} s of choosing "
-                              f"disk '{self.disk.name}'")  # fmt: skip
+        while True:
+            # cancelled in receive_some, so no byte is lost: waiting again is safe
+            with trio.move_on_after(FIRST_REQUEST_TIMEOUT):
+                return await self.conn.receive_exactly(p.REQUEST.size)
+            if self.limits.crowded():
+                raise p.ProtocolError(f"no request within {FIRST_REQUEST_TIMEOUT:g} s of "
+                                      f"choosing disk '{self.disk.name}', with "
+                                      f"{self.limits.connections} connections open")  # fmt: skip
 
     async def _send(self, req: p.Request, *parts: bytes) -> None:
         """The reply to `req`; its bytes in flight are given back once it is on the socket."""
