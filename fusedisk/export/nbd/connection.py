@@ -50,6 +50,7 @@ class Connection:
         self._sent_calls: list[Callable[[], None]] = []  # when the queue has been sent
         self._wake: trio.Event | None = None  # set when the writer task is running
         self._closing = False
+        self._writer_ran = False
 
     async def receive_exactly(self, n: int) -> bytes:
         buf = self._buf
@@ -84,7 +85,10 @@ class Connection:
         socket (or were dropped).
         """
         if self.broken or self._wake is None:
-            if not self.broken:
+            # before the writer (the handshake) replies go one by one; after it (the
+            # daemon stopping while requests finish) they are dropped, as several
+            # tasks sending at once would interleave
+            if not self.broken and not self._writer_ran:
                 await self._send_now(list(parts))
             if on_sent is not None:
                 on_sent()
@@ -123,6 +127,7 @@ class Connection:
     ) -> None:
         """Send queued replies until `finish_writing` (run in the connection's nursery)."""
         wake = self._wake = trio.Event()
+        self._writer_ran = True
         task_status.started()
         try:
             while True:
