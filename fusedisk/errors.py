@@ -44,6 +44,13 @@ class OutOfRange(FuseDiskError):
     errno = _errno.ENOSPC
 
 
+class TooLarge(FuseDiskError):
+    """A size a format cannot describe within its limits (qcow2's L1 and refcount
+    tables), refused before anything is allocated."""
+
+    errno = _errno.EFBIG
+
+
 class ReadOnly(FuseDiskError):
     """A write reached a node opened read-only."""
 

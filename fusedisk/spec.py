@@ -12,14 +12,15 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fusedisk.errors import SpecError
+from fusedisk.fuse.names import MOUNT_ROOT_FILES
 from fusedisk.graph.node import ChildSlot, Node
 from fusedisk.graph.options import REQUIRED, Option, OptionValueError, option_table
 from fusedisk.graph.registry import drivers
+from fusedisk.spec_types import DiskSpec, NodeSpec, Spec
 
 _MAX_ID = (1 << 32) - 2  # uid_t; (uid_t)-1 means "no change" to chown
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
@@ -39,52 +40,6 @@ DISK_OPTIONS = option_table(
     ),
     Option("growable", "bool", False, "let truncate(2) on <disk>.img grow the disk"),
 )
-
-
-@dataclass
-class NodeSpec:
-    """One node of the spec, with typed options and its children by name."""
-
-    name: str
-    driver: str
-    options: dict[str, Any]
-    children: dict[str, str | list[str]] = field(default_factory=dict)
-    inline: bool = False
-
-
-@dataclass
-class DiskSpec:
-    name: str
-    node: str
-    mode: int = 0o600
-    uid: int = 0
-    gid: int = 0
-    read_only: bool = False
-    detect_zeroes: str = "off"
-    growable: bool = False
-
-
-@dataclass
-class Spec:
-    path: Path
-    nodes: dict[str, NodeSpec]
-    disks: dict[str, DiskSpec]
-    sections: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-
-    @property
-    def base_dir(self) -> Path:
-        return self.path.parent
-
-    def parent_of(self) -> dict[str, str]:
-        """Node name -> the node or disk that uses it (each is used at most once)."""
-        users: dict[str, str] = {}
-        for node in self.nodes.values():
-            for ref in node.children.values():
-                for child in [ref] if isinstance(ref, str) else ref:
-                    users[child] = node.name
-        for disk in self.disks.values():
-            users[disk.node] = f"disk:{disk.name}"
-        return users
 
 
 def _section_options() -> dict[str, Mapping[str, Option]]:
@@ -187,10 +142,6 @@ class _Parser:
         if isinstance(value, dict):
             return self.add_node(inline_name, value, True, where)
         raise self.fail(where, f"expected a node name or an inline table, got {value!r}")
-
-
-#: files the mount shows at its root beside the disks (docs/mount.md)
-MOUNT_ROOT_FILES = ("last-error", "metrics")
 
 
 def _check_name(parser: _Parser, where: str, name: str) -> None:

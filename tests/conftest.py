@@ -13,6 +13,27 @@ import pytest
 
 from tests.mounting import Mount
 
+#: the session's Ceph cluster (`ceph` fixture) for the rbd tests
+pytest_plugins = ["tests.ceph_cluster"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _repo_entries() -> set[str]:
+    """The repository root's entries, dot-files and caches aside."""
+    return {p.name for p in REPO.iterdir() if p.name[0] != "." and p.name != "__pycache__"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_files_outside_temp_folders() -> Iterator[None]:
+    """Tests write only into their temporary folders: a file that appears at the
+    repository's root during the run (a fio verify-state file did) fails it."""
+    before = _repo_entries()
+    yield
+    stray = sorted(_repo_entries() - before)
+    if stray:
+        pytest.fail(f"tests left files at the repository root: {', '.join(stray)}")
+
 
 def _can_mount() -> str | None:
     if not os.path.exists("/dev/fuse"):

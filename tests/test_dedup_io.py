@@ -297,7 +297,7 @@ async def test_opening_reads_only_the_superblock_and_the_journal(tmp_path):
     graph = await open_dedup(tmp_path, size=256 * MiB)
     try:
         meta = graph.nodes["dd.metadata"]
-        assert meta.stats.read_bytes <= 4 * 4096
+        assert meta.stats.read.bytes <= 4 * 4096
     finally:
         await graph.close()
 

@@ -84,7 +84,7 @@ async def test_write_zeroes_and_block_status_go_through_the_gate_with_bounds():
     await disk.write_zeroes(0, 4096, unmap=True)
     assert await disk.read(0, 4096) == bytes(4096)
     assert ("write_zeroes", 0, 4096) in node.requests
-    assert disk.stats.write_zeroes_ops == 1
+    assert disk.stats.write_zeroes.ops == 1
     extents = await disk.block_status(60000, 1 << 20)  # clipped to the disk
     assert sum(e.length for e in extents) == (1 << 16) - 60000
     assert await disk.block_status(1 << 16, 10) == []

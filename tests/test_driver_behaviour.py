@@ -45,6 +45,8 @@ TREES: dict[str, str] = {
     'metadata = { driver = "file", filename = "meta.img" }\n'
     'data = { driver = "file", filename = "data.img" }',
     "nbd": '[nodes.top]\ndriver = "nbd"\nserver.path = "nbdkit.sock"',  # nbdkit file a.img
+    # an image of the session's Ceph cluster (tests/ceph_cluster.py)
+    "rbd": '[nodes.top]\ndriver = "rbd"\npool = "rbd"\nimage = "IMAGE"\nconf = "CONF"',
 }
 
 
@@ -78,6 +80,10 @@ async def test_driver_keeps_what_the_model_says(driver, tmp_path, request):
     spec = prepare(tmp_path, driver)
     if driver == "nbd":
         request.addfinalizer(serve_file_over_nbd(tmp_path / "nbdkit.sock", tmp_path / "a.img"))
+    if driver == "rbd":
+        ceph = request.getfixturevalue("ceph")
+        text = spec.read_text().replace("IMAGE", ceph.new_image(size="4M"))
+        spec.write_text(text.replace("CONF", ceph.conf))
     graph = await Graph.open(parse_spec(spec.read_text(), spec))
     disk = graph.disks["vm0"]
     size = disk.size

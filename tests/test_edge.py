@@ -85,7 +85,7 @@ async def test_stats_count_per_kind():
     await edge.write(0, b"a" * 100)
     await edge.read(0, 50)
     await edge.flush()
-    assert (node.stats.write_ops, node.stats.write_bytes) == (1, 100)
-    assert (node.stats.read_ops, node.stats.read_bytes) == (1, 50)
-    assert node.stats.flush_ops == 1
+    assert (node.stats.write.ops, node.stats.write.bytes) == (1, 100)
+    assert (node.stats.read.ops, node.stats.read.bytes) == (1, 50)
+    assert node.stats.flush.ops == 1
     assert node.stats.in_flight == 0

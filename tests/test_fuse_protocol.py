@@ -39,17 +39,19 @@ class Client:
         self.sock = sock
         self.unique = 100
 
-    def header(self, opcode: int, nodeid: int, body: bytes) -> bytes:
+    def header(self, opcode: int, nodeid: int, body: bytes, pid: int = 1) -> bytes:
         self.unique += 1
         return p.IN_HEADER.pack(p.IN_HEADER.size + len(body), opcode, self.unique, nodeid,
-                                0, 0, 1, 0, 0) + body  # fmt: skip
+                                0, 0, pid, 0, 0) + body  # fmt: skip
 
     async def send_raw(self, message: bytes) -> None:
         await self.sock.send(message)
 
-    async def call(self, opcode: int, nodeid: int = ROOT_INODE, body: bytes = b"") -> bytes:
+    async def call(
+        self, opcode: int, nodeid: int = ROOT_INODE, body: bytes = b"", pid: int = 1
+    ) -> bytes:
         """Send one request; its payload, or OSError with the errno of the reply."""
-        await self.sock.send(self.header(opcode, nodeid, body))
+        await self.sock.send(self.header(opcode, nodeid, body, pid))
         return await self.reply(self.unique)
 
     async def reply(self, unique: int) -> bytes:
@@ -161,6 +163,35 @@ async def test_disk_requests_round_trip(tmp_path) -> None:
         with pytest.raises(OSError) as e:
             await c.call(p.Op.READ, ino, p.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0))
         assert e.value.errno == errno.EBADF
+
+
+def setattr_size(size: int, valid: int = p.FATTR_SIZE, fh: int = 0) -> bytes:
+    return p.SETATTR_IN.pack(valid, 0, fh, size, *([0] * 12))
+
+
+async def test_o_trunc_is_the_openers_next_size_0_and_keeps_the_size(tmp_path) -> None:
+    """Without ATOMIC_O_TRUNC, O_TRUNC is OPEN then SETATTR(size 0, by path) from the
+    same thread (a GETXATTR may come between); its reply carries the disk's size,
+    which the kernel keeps.  Any other truncate to 0 is refused."""
+    async with session(tmp_path) as c:
+        ino = await lookup(c, "vm0.img")
+        with pytest.raises(OSError) as e:  # truncate(2) with no open before it
+            await c.call(p.Op.SETATTR, ino, setattr_size(0), pid=7)
+        assert e.value.errno == errno.EINVAL
+        await open_file(c, ino, os.O_WRONLY)
+        await c.call(p.Op.GETATTR, ino, p.GETATTR_IN.pack(0, 0, 0), pid=8)  # another thread
+        with pytest.raises(OSError):
+            await c.call(p.Op.GETXATTR, ino, b"\0" * 8 + b"security.capability\0")
+        out = await c.call(p.Op.SETATTR, ino, setattr_size(0))
+        assert p.ATTR.unpack_from(out, p.ATTR_OUT.size)[1] == 8 * MiB  # the size stays
+        with pytest.raises(OSError):  # the same thread again: no open just before
+            await c.call(p.Op.SETATTR, ino, setattr_size(0))
+        fh, _ = await open_file(c, ino, os.O_WRONLY)
+        with pytest.raises(OSError):  # ftruncate(fd, 0): it names its file handle
+            await c.call(p.Op.SETATTR, ino, setattr_size(0, p.FATTR_SIZE | p.FATTR_FH, fh))
+        await open_file(c, ino, os.O_RDONLY)
+        with pytest.raises(OSError):  # a read-only open truncates nothing
+            await c.call(p.Op.SETATTR, ino, setattr_size(0))
 
 
 @pytest.mark.parametrize("opcode", [p.Op.READDIR, p.Op.READDIRPLUS])

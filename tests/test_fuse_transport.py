@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.conftest import make_image, needs, raw_spec, read_at, run, write_at
-from tests.mounting import is_mounted
+from tests.mounting import force_unmount, is_mounted
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120)]
 
@@ -66,6 +66,33 @@ def test_sigkill_leaves_no_dead_mount_behind(tmp_path, write_spec, mount) -> Non
         time.sleep(0.05)
     assert not is_mounted(m.mountpoint)
     assert os.listdir(m.mountpoint) == []  # the directory works again: no ENOTCONN
+
+
+@pytest.mark.parametrize("via", ["symlink", "dotdot"])
+def test_sigkill_clears_a_mount_point_given_through_a_symlink(
+    tmp_path, write_spec, mount, via
+) -> None:
+    """Issue 25: the watchdog compared the path as given with mountinfo's resolved one,
+    so a mount point reached through a symlink or `..` stayed dead after a SIGKILL."""
+    make_image(tmp_path / "d0.img", MiB)
+    real = tmp_path / "real" / "mnt"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    given = "link/mnt" if via == "symlink" else "real/../real/./mnt"
+    try:
+        m = mount(write_spec(raw_spec()), name=given)
+        assert is_mounted(real)
+        assert m.proc is not None
+        proc, m.proc = m.proc, None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while is_mounted(real) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_mounted(real)
+        assert os.listdir(real) == []  # no ENOTCONN
+    finally:
+        force_unmount(real)
 
 
 def test_clean_unmount_leaves_a_later_mount_alone(tmp_path, write_spec, mount) -> None:

@@ -6,6 +6,7 @@ flag), or file/raw/faults trees opened through a Graph.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -594,6 +595,29 @@ async def test_a_failing_spare_abandons_the_replace_and_the_old_child_stays():
     assert q.children["children.2"].node is kids[2]
     assert list(q.children) == ["children.0", "children.1", "children.2"]
     assert spare.closed and spare.parents == []
+
+
+async def test_a_replace_whose_record_fails_puts_the_failed_child_back_as_failed():
+    # The switch is undone when its change-log record cannot be written; the old
+    # child must come back in the state it left (failed: its data is stale), not
+    # as a fresh, healthy voter.
+    spare = FlakyNode(SIZE, "spare")
+    q, top, kids = await make_quorum(spares={"spare": spare}, pattern="fifo")
+    await top.write(0, pattern(5, SIZE))
+    kids[0].fail_writes = True
+    await top.write(0, b"new")  # children.0 leaves service with the old bytes
+    assert child(q, 0)["state"] == "failed"
+    host = HOSTS[id(q)]
+
+    def full_disk(record: dict[str, Any]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    host.commit_record = full_disk  # type: ignore[method-assign]
+    with pytest.raises(ControlError, match="replace failed"):
+        await ctl(q, "replace").write("children.0 spare wait")
+    assert q.children["children.0"].node is kids[0] and host.changes == []
+    assert child(q, 0)["state"] == "failed"
+    assert await top.read(0, 3) == b"new"  # a fifo read skips the stale child
 
 
 async def test_a_cancelled_replace_detaches_the_spare_and_records_nothing():

@@ -389,13 +389,22 @@ def test_job_wait_follows_a_commit_to_its_end(setup: Setup) -> None:
 
 
 def _on_a_terminal(*args: object, timeout: float = 60) -> tuple[int, str]:
-    """Run `fusedisk ARGS` with a pseudo-terminal as stdout: its exit status and output."""
+    """Run `fusedisk ARGS` with a pseudo-terminal as stdout: its exit status and output.
+
+    The terminal is the test's own, whatever the caller's: 120 x 40 and TERM=xterm
+    (rich draws a "dumb" terminal 80 columns wide, whatever COLUMNS says).
+    """
+    import fcntl
     import pty
+    import struct
+    import termios
 
     main_fd, tty = pty.openpty()
+    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "120", "LINES": "40"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fusedisk", *map(str, args)],
-        stdout=tty, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "120"},
+        stdout=tty, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     os.close(tty)
     chunks = []

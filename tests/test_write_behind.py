@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -180,6 +181,87 @@ async def test_a_failed_write_fails_the_file_and_names_the_offset(tmp_path):
         finally:
             host.close()
             os.close(fd)
+
+
+async def test_after_enospc_a_read_sees_the_write_or_fails(tmp_path):
+    """Issue 25: a read of an acknowledged write that was then dropped returned the
+    old bytes with no error.  Every range must read back as written, or fail."""
+    with small_tmpfs(tmp_path / "small", "1M") as small:
+        path = small / "sparse.img"
+        with open(path, "wb") as f:
+            f.truncate(8 * MiB)
+        fd = os.open(path, os.O_RDWR)
+        host = HostFile(fd, "file:d0", where=f"node 'd0': '{path}'")
+        try:
+            written = []
+            for i in range(32):  # 2 MiB into a 1 MiB file system
+                data = os.urandom(65536)
+                try:
+                    await host.write(i * 65536, data)
+                except OSError:
+                    break  # the failure reached a later write: the rest is refused
+                written.append(data)
+            with contextlib.suppress(OSError):
+                await host.drain()
+            failed = 0
+            for i, data in enumerate(written):
+                try:
+                    assert await host.read(i * 65536, 65536) == data, f"stale read at {i}"
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                    assert "acknowledged but never written" in str(e)
+                    failed += 1
+            assert failed >= 1
+            assert await host.read(0, 4096) == written[0][:4096]  # what landed still reads
+        finally:
+            host.close()
+            os.close(fd)
+
+
+def _direct_buffer(data: bytes) -> mmap.mmap:
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    return buf
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", [(), ("--transport", "pyfuse3")], ids=["kernel", "pyfuse3"])
+def test_after_enospc_the_guest_reads_its_writes_or_an_error(
+    tmp_path, mount, write_spec, transport
+):
+    """Through the mount, with O_DIRECT as a VM does: writes acknowledged, the host
+    file system full; each range reads back as written or fails, never stale."""
+    with small_tmpfs(tmp_path / "small", "1M") as small:
+        image = small / "d0.img"
+        with open(image, "wb") as f:
+            f.truncate(8 * MiB)
+        m = mount(write_spec(raw_spec(str(image))), extra_args=transport)
+        fd = os.open(m.path("vm0.img"), os.O_RDWR | os.O_DIRECT)
+        try:
+            written = []
+            for i in range(32):
+                data = os.urandom(65536)
+                try:
+                    os.pwrite(fd, _direct_buffer(data), i * 65536)
+                except OSError:
+                    break
+                written.append(data)
+            failed = 0
+            for i, data in enumerate(written):
+                buf = mmap.mmap(-1, 65536)
+                try:
+                    assert os.preadv(fd, [buf], i * 65536) == 65536
+                    assert bytes(buf) == data, f"stale read of the write at {i * 65536}"
+                except OSError as e:
+                    assert e.errno in (errno.ENOSPC, errno.EIO)
+                    failed += 1
+            assert failed >= 1
+        finally:
+            with contextlib.suppress(OSError):  # the close's flush reports the failure
+                os.close(fd)
+        assert "acknowledged but never written" in m.log
+        m.stop()
 
 
 @pytest.mark.mount

@@ -15,99 +15,11 @@ blocks only), as `qemu-img check` does.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
-import trio
-
-from fusedisk.errors import OpenError, SpecError
-from fusedisk.formats.dedup.check import CheckReport
-from fusedisk.formats.dedup.driver import DedupNode
-from fusedisk.formats.dedup.layout import DEFAULT_JOURNAL_SIZE, MAGIC
-from fusedisk.graph.graph import Graph
+from fusedisk.errors import SpecError
+from fusedisk.formats.dedup.create import check_image, create_image
+from fusedisk.formats.dedup.layout import DEFAULT_JOURNAL_SIZE
 from fusedisk.graph.options import OptionValueError, parse_size
-from fusedisk.spec import parse_spec
-
-
-def _spec_text(metadata: Path, data: Path, options: dict[str, object]) -> str:
-    lines = ["[nodes.dedup]", 'driver = "dedup"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
-    lines += [
-        f'metadata = {{ driver = "file", filename = {json.dumps(str(metadata))}, '
-        f"read-only = {json.dumps(options.get('read-only', False))} }}",
-        f'data = {{ driver = "file", filename = {json.dumps(str(data))}, '
-        f"read-only = {json.dumps(options.get('read-only', False))} }}",
-        "[disks.dedup]",
-        'node = "dedup"',
-    ]
-    return "\n".join(lines) + "\n"
-
-
-async def _open(metadata: Path, data: Path, options: dict[str, object]) -> Graph:
-    spec = parse_spec(_spec_text(metadata, data, options), Path.cwd() / "dedup.toml")
-    return await Graph.open(spec)
-
-
-def create_image(
-    metadata: str | Path,
-    data: str | Path,
-    size: int,
-    block_size: int = 4096,
-    journal_size: int = DEFAULT_JOURNAL_SIZE,
-) -> None:
-    """Create (if needed) and format a dedup image on two files."""
-    metadata, data = Path(metadata).absolute(), Path(data).absolute()
-    if metadata == data:
-        raise SpecError("the metadata and the data must be two different files")
-    try:
-        with open(metadata, "rb") as f:
-            if f.read(8) == MAGIC:
-                raise OpenError(f"'{metadata}' already holds a dedup image; it is not replaced")
-    except FileNotFoundError:
-        pass
-    created = []
-    for path in (metadata, data):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise OpenError(f"cannot create '{path}': {e.strerror}") from None
-        os.close(fd)
-        created.append(path)
-    options: dict[str, object] = {
-        "format": True,
-        "size": size,
-        "block-size": block_size,
-        "journal-size": journal_size,
-    }
-
-    async def run() -> None:
-        graph = await _open(metadata, data, options)
-        await graph.close()
-
-    try:
-        trio.run(run)
-    except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
-        raise
-
-
-def check_image(metadata: str | Path, data: str | Path, hashes: bool = True) -> CheckReport:
-    """Open the image read-only and check it; nothing is written."""
-
-    async def run() -> CheckReport:
-        graph = await _open(Path(metadata).absolute(), Path(data).absolute(), {"read-only": True})
-        try:
-            node = graph.nodes["dedup"]
-            assert isinstance(node, DedupNode)
-            return await node.check(hashes)
-        finally:
-            await graph.close(flush=False)
-
-    return trio.run(run)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fusedisk.graph.registry import describable_drivers
 from fusedisk.service.imageinfo import chain_info, image_info
 from fusedisk.service.reader import human_bytes
-
-FORMATS = ("qcow2", "luks", "dedup", "raw")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "written.",
     )
     p.add_argument("image", type=Path, help="the image file (or block device)")
-    p.add_argument("-f", "--format", choices=FORMATS, help="do not probe: the image is this")
+    p.add_argument(
+        "-f",
+        "--format",
+        choices=sorted(describable_drivers()),
+        help="do not probe: the image is this",
+    )
     p.add_argument(
         "--backing-chain", action="store_true", help="every image of the qcow2 backing chain"
     )

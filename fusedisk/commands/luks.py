@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from fusedisk.filters.luks.node import CIPHERS, ask_passphrase, read_key_env, re
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.options import OptionValueError, parse_size
+from fusedisk.hostio.files import create_file
 from fusedisk.spec import DiskSpec, NodeSpec, Spec, load_spec
 
 _DISK = "luks-cli"
@@ -206,14 +206,12 @@ def _create_image(args: argparse.Namespace) -> None:
     if payload % lh.SECTOR:
         raise SpecError(f"--size must be a multiple of {lh.SECTOR} bytes")
     _, payload_sectors = lh.layout(args.key_size // 8)
-    try:
-        fd = os.open(args.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise OpenError(f"cannot create '{args.image}': {e.strerror}") from None
-    try:
-        os.ftruncate(fd, payload_sectors * lh.SECTOR + payload)
-    finally:
-        os.close(fd)
+    create_file(
+        args.image,
+        f"cannot create '{args.image}'",
+        size=payload_sectors * lh.SECTOR + payload,
+        mode=0o600,
+    )
 
 
 def _format(args: argparse.Namespace) -> int:

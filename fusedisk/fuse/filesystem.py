@@ -20,7 +20,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from fusedisk.errors import FuseDiskError, ReadOnly, to_errno
+from fusedisk.errors import FuseDiskError, OutOfRange, ReadOnly, to_errno
 from fusedisk.fuse.tree import ControlTree, DirEntry, DiskEntry, Entry, FileEntry, LinkEntry
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.extents import Status
@@ -123,6 +123,7 @@ class MountFilesystem:
         self.inodes = InodeTable()
         self.handles: dict[int, Disk | ControlHandle] = {}
         self._writers: set[int] = set()  # disk handles opened for writing
+        self._appenders: set[int] = set()  # disk handles opened with O_APPEND
         self._next_fh = 1
         self._mounted_at = time.time_ns()
 
@@ -162,11 +163,20 @@ class MountFilesystem:
     def getattr(self, ino: int) -> Attributes:
         return self._attrs(ino, self._entry(self.inodes.path(ino)))
 
-    async def setattr(self, ino: int, size: int | None, owner_or_mode: bool) -> Attributes:
-        """truncate(2) of a growable disk, O_TRUNC of a control file; chmod/chown refused."""
+    async def setattr(
+        self, ino: int, size: int | None, owner_or_mode: bool, o_trunc: bool = False
+    ) -> Attributes:
+        """truncate(2) of a growable disk, O_TRUNC of a control file; chmod/chown refused.
+
+        `o_trunc`: the size 0 comes from an open with O_TRUNC, which a disk ignores as a
+        block device does; the reply's attributes (the disk's size) are what the kernel
+        keeps as the file's size.
+        """
         entry = self._entry(self.inodes.path(ino))
         if size is not None:
-            if isinstance(entry, DiskEntry):
+            if isinstance(entry, DiskEntry) and o_trunc:
+                pass
+            elif isinstance(entry, DiskEntry):
                 try:
                     await entry.disk.resize(size)
                 except Exception as e:
@@ -230,6 +240,8 @@ class MountFilesystem:
             fh = self._new_handle(entry.disk)
             if writing:
                 self._writers.add(fh)
+            if flags & os.O_APPEND:
+                self._appenders.add(fh)
             return Opened(fh, True)
         if isinstance(entry, FileEntry):
             if writing and entry.write is None:
@@ -259,6 +271,13 @@ class MountFilesystem:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handle(fh)
         if isinstance(handle, Disk):
+            if fh in self._appenders:
+                # A block device appends at its end: ENOSPC, whatever offset the kernel
+                # computed from a size it may hold stale.
+                raise OutOfRange(
+                    f"disk '{handle.name}': an append (O_APPEND) writes past its end "
+                    f"({handle.size})"
+                )
             await handle.write(offset, data)
             return len(data)
         assert handle.entry.write is not None
@@ -289,6 +308,7 @@ class MountFilesystem:
 
     def release(self, fh: int) -> None:
         self._writers.discard(fh)
+        self._appenders.discard(fh)
         self.handles.pop(fh, None)
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

@@ -22,6 +22,7 @@ import trio
 from fusedisk.fuse.connection import raise_background_limit
 from fusedisk.fuse.filesystem import Attributes, MountFilesystem, log_failure
 from fusedisk.fuse.kernel.mounting import mount_options
+from fusedisk.fuse.o_trunc import SizeKeeper
 
 log = logging.getLogger("fusedisk")
 
@@ -56,6 +57,8 @@ class DiskOperations(pyfuse3.Operations):
     def __init__(self, fs: MountFilesystem) -> None:
         super().__init__()
         self.fs = fs
+        self.sizes = SizeKeeper(pyfuse3.notify_store)
+        self.nursery: trio.Nursery | None = None  # set while serving: SizeKeeper's timers
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         try:
@@ -115,35 +118,43 @@ class DiskOperations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         try:
-            return pyfuse3.FileInfo(fh=self.fs.open(inode, flags).fh, direct_io=True)
+            opened = self.fs.open(inode, flags)
+            if opened.is_disk and flags & os.O_TRUNC and self.nursery is not None:
+                self.sizes.opened(self.nursery, opened.fh, inode, self.fs.disk(opened.fh))
+            return pyfuse3.FileInfo(fh=opened.fh, direct_io=True)
         except Exception as e:
             raise fuse_error(e, "open") from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
+            await self.sizes.before_request(fh)
             return await self.fs.read(fh, off, size)
         except Exception as e:
             raise fuse_error(e, f"read {off}+{size}") from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
+            await self.sizes.before_request(fh)
             return await self.fs.write(fh, off, buf)
         except Exception as e:
             raise fuse_error(e, f"write at {off}") from None
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         try:
+            await self.sizes.before_request(fh)
             await self.fs.fsync(fh)
         except Exception as e:
             raise fuse_error(e, "fsync") from None
 
     async def flush(self, fh: int) -> None:
         try:
+            await self.sizes.before_request(fh)
             await self.fs.flush(fh)
         except Exception as e:
             raise fuse_error(e, "flush") from None
 
     async def release(self, fh: int) -> None:
+        self.sizes.released(fh)
         self.fs.release(fh)
 
 
@@ -158,11 +169,13 @@ async def serve_pyfuse3(
     """Mount with libfuse and serve until unmounted or `on_stop` fires."""
     # auto_unmount: libfuse's helper unmounts if the daemon dies, no stale mount
     options = {*mount_options(fsname, "fusedisk", allow_other), "auto_unmount"}
-    pyfuse3.init(DiskOperations(fs), str(mountpoint), options)
+    operations = DiskOperations(fs)
+    pyfuse3.init(operations, str(mountpoint), options)
     try:
         raise_background_limit(mountpoint)
         ready()
         async with trio.open_nursery() as nursery:
+            operations.nursery = nursery
             nursery.start_soon(on_stop, pyfuse3.terminate)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()

@@ -71,6 +71,7 @@ async def serve_kernel(
 ) -> None:
     """Mount through mount(2) or fusermount3 and serve /dev/fuse ourselves."""
     kmount = mounting.mount(mountpoint, fsname, "fusedisk", allow_other)
+    mountpoint = kmount.mountpoint  # canonical: what mountinfo and the watchdog compare
     device = mounting.mounted_device(mountpoint)
     try:
         session = KernelSession(fs, kmount.fd)
@@ -102,6 +103,9 @@ async def serve(
     """Open `spec`'s graph and serve it at `mountpoint` until unmounted."""
     tune_malloc()
     raise_open_file_limit()
+    # Resolved once, before mounting: mountinfo (the watchdog, the end-of-session
+    # unmount, fusectl tuning) shows the path without symlinks or `..`.
+    mountpoint = mounting.canonical(mountpoint)
     graph = await Graph.open(spec)
     try:
         on_stop: Callable[[Callable[[], None]], Any] = stop_on_signals

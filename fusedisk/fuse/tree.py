@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any
 
 from fusedisk import metrics
+from fusedisk.fuse.names import LAST_ERROR, METRICS
 from fusedisk.graph.children import start_replace, start_scrub
 from fusedisk.graph.commit import start_commit
 from fusedisk.graph.disk import Disk
@@ -116,8 +117,8 @@ class ControlTree:
         sections = sorted({section for section, _ in self.graph.shared_objects})
         for section in sections:
             out[section] = DirEntry(partial(self.section_dir, section))
-        out["last-error"] = FileEntry(lambda: self.last_error)
-        out["metrics"] = FileEntry(lambda: metrics.render(self.graph))
+        out[LAST_ERROR] = FileEntry(lambda: self.last_error)
+        out[METRICS] = FileEntry(lambda: metrics.render(self.graph))
         return out
 
     def disk_dir(self, disk: Disk) -> dict[str, Entry]:

@@ -24,7 +24,8 @@ from typing import Any
 from fusedisk.errors import SpecError
 from fusedisk.graph.node import Role
 from fusedisk.graph.registry import default_options, drivers, overlay_driver
-from fusedisk.spec import NodeSpec, Spec
+from fusedisk.hostio.files import create_file, fsync_folder
+from fusedisk.spec_types import NodeSpec, Spec
 
 STATE_VERSION = 1
 
@@ -77,19 +78,10 @@ def save_changes(spec_path: Path, changes: list[dict[str, Any]]) -> None:
     path = state_path(spec_path)
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps({"version": STATE_VERSION, "changes": changes}, indent=2) + "\n"
-    tmp.unlink(missing_ok=True)  # a stale one, or a symlink planted there: never followed
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # a stale temporary, or a symlink planted there, is replaced, never followed
+    create_file(tmp, f"cannot write '{tmp}'", chunks=((0, data.encode()),), replace=True)
     os.rename(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_folder(path.parent)
 
 
 def record_change(spec_path: Path, change: dict[str, Any]) -> None:

@@ -81,7 +81,7 @@ class ReplaceJob(Job):
         spare = self.graph.nodes.get(self.new_name)
         return [*walk(self.node), *([spare] if spare is not None else [])]
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         if self.node.read_only:
             raise JobError(f"node '{self.node.name}' is read-only; it cannot resync a child")
         try:
@@ -117,7 +117,7 @@ class ReplaceJob(Job):
                           disks=[self.disk], progress=self)  # fmt: skip
         await temp.flush()
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         slot, temp = self.slot, self.temp
         assert slot is not None and temp is not None
         old, new = slot.node, temp.node

@@ -143,7 +143,7 @@ class CommitJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.disk.top))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         self.target, self.chains = _commit_chains(self.graph, self.disk, self.name)
         self.detail["layers"] = [[n.name for n in chain] for chain in self.chains]
 
@@ -157,11 +157,11 @@ class CommitJob(Job):
     async def _round(self, layers: list[_Layer]) -> None:
         steps: list[Step] = []
         for layer in layers:
-            steps.append(Step(partial(self._make_writable, layer.base)))
+            steps.append(Step(partial(self._make_writable, layer)))
             steps.append(hook(layer.user, layer.recorder))
             layer.src, src_step = job_edge(layer.overlay, "commit")
-            layer.dst, dst_step = job_edge(layer.base, "commit")
-            steps += [src_step, dst_step]
+            # the base is known once reopened (a leaf base, such as rbd, is replaced)
+            steps += [src_step, Step(partial(_attach_dst, layer), partial(_detach_dst, layer))]
         await self.txn.apply(steps)
         plans = [(layer, await allocated(layer.src)) for layer in layers if layer.src]
         self.total_bytes += sum(end - start for _, ranges in plans for start, end in ranges)
@@ -210,10 +210,12 @@ class CommitJob(Job):
         log.info("disk '%s': committed %s", self.disk.name,
                  ", ".join(f"{s.overlay.name} into {s.base.name}" for s in layers))  # fmt: skip
 
-    async def _make_writable(self, base: Node) -> None:
+    async def _make_writable(self, layer: _Layer) -> None:
         """Drained: swap in read-write opens of the base's leaves; base and subtree
         writable.  Its undo (registered first, so a half-done one is undone too)
-        makes them read-only and clean again."""
+        makes them read-only and clean again.  A base that is itself a leaf (rbd)
+        is replaced by its read-write open in `layer.base`."""
+        base = layer.base
         subtree = own_subtree(base)
         declared = self.graph.user_spec.nodes
         for node in subtree:
@@ -221,16 +223,18 @@ class CommitJob(Job):
                 raise JobError(
                     f"node '{node.name}' is read-only in the spec; a commit would write to it"
                 )
-        self.txn.undo_later(partial(_set_read_only, base))
+        self.txn.undo_later(lambda: _set_read_only(layer.base))
         for leaf in [n for n in subtree if not n.children]:
-            await self._reopen_writable(leaf)
+            fresh = await self._reopen_writable(leaf)
+            if leaf is base:
+                layer.base = base = fresh
         writable = own_subtree(base)
         for node in writable:
             node.read_only = False
         for node in reversed(writable):  # children first: a qcow2 writes to its file
             await node.prepare_writable()
 
-    async def _reopen_writable(self, leaf: Node) -> None:
+    async def _reopen_writable(self, leaf: Node) -> Node:
         graph = self.graph
         options = {**leaf.options, "read-only": False}
         fresh = await graph.add_node(temp_name(graph, leaf.name), leaf.driver, options, {})
@@ -238,6 +242,16 @@ class CommitJob(Job):
             edge.replace(fresh)
         await graph.remove_node(leaf)
         rename_node(graph, fresh, leaf.name)
+        return fresh
+
+
+def _attach_dst(layer: _Layer) -> None:
+    layer.dst = Edge(None, "commit", JOB_ROLE, layer.base)
+
+
+def _detach_dst(layer: _Layer) -> None:
+    if layer.dst is not None:
+        layer.dst.detach()
 
 
 def _detach_job_edges(layer: _Layer) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
-from time import perf_counter_ns
 from typing import Any
 
 import numpy as np
@@ -21,8 +20,8 @@ from fusedisk.errors import ControlError, OutOfRange, ReadOnly
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import Node, Role, walk
-from fusedisk.graph.stats import IoStats
-from fusedisk.spec import DiskSpec
+from fusedisk.graph.stats import IoStats, KindStats
+from fusedisk.spec_types import DiskSpec
 
 
 def is_zero(data: bytes | memoryview) -> bool:
@@ -65,15 +64,23 @@ class Disk:
 
     # -- the gate -------------------------------------------------------------
 
-    async def _enter(self) -> None:
+    async def _enter(self) -> int:
+        """Wait at the gate, then count the request in; its start time."""
         while self._gate is not None:
             await self._gate.wait()
-        self.stats.started()
+        return self.stats.start()
 
-    def _leave(self) -> None:
-        self.stats.in_flight -= 1
+    def _idle_check(self) -> None:
         if self._idle is not None and self.stats.in_flight == 0:
             self._idle.set()
+
+    def _done(self, kind: KindStats, nbytes: int, t0: int) -> None:
+        self.stats.done(kind, nbytes, t0)
+        self._idle_check()
+
+    def _failed(self, kind: KindStats, error: BaseException) -> None:
+        self.stats.failed(kind, error)
+        self._idle_check()
 
     @asynccontextmanager
     async def drained(self) -> AsyncIterator[None]:
@@ -106,38 +113,28 @@ class Disk:
         try:
             yield
         finally:
-            self._leave()
+            self.stats.in_flight -= 1
+            self._idle_check()
 
     # -- requests -------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read up to `length` bytes; short at the end of the disk, like a file."""
-        await self._enter()
-        st = self.stats
-        t0 = perf_counter_ns()
+        t0 = await self._enter()
+        size = self.root.node.size
+        length = max(0, min(length, size - offset))
         try:
-            size = self.root.node.size
-            if offset >= size:
-                return b""
-            if offset + length > size:
-                length = size - offset
-            data = await self.root.read(offset, length)
-        except Exception:
-            st.read_errors += 1
+            data = await self.root.read(offset, length) if length else b""
+        except BaseException as e:
+            self._failed(self.stats.read, e)
             raise
-        finally:
-            self._leave()
-        st.read_ops += 1
-        st.read_bytes += length
-        st.read_ns += perf_counter_ns() - t0
+        self._done(self.stats.read, length, t0)
         return data
 
     async def write(self, offset: int, data: bytes) -> None:
         if self.spec.read_only:
             raise ReadOnly(f"disk '{self.name}' is read-only")
-        await self._enter()
-        st = self.stats
-        t0 = perf_counter_ns()
+        t0 = await self._enter()
         try:
             if offset + len(data) > self.root.node.size:
                 raise OutOfRange(
@@ -150,27 +147,19 @@ class Disk:
                 await self.root.write_zeroes(offset, len(data), mode == "unmap")
             else:
                 await self.root.write(offset, data)
-        except Exception:
-            st.write_errors += 1
+        except BaseException as e:
+            self._failed(self.stats.write, e)
             raise
-        finally:
-            self._leave()
-        st.write_ops += 1
-        st.write_bytes += len(data)
-        st.write_ns += perf_counter_ns() - t0
+        self._done(self.stats.write, len(data), t0)
 
     async def flush(self) -> None:
-        await self._enter()
-        t0 = perf_counter_ns()
+        t0 = await self._enter()
         try:
             await self.root.flush()
-        except Exception:
-            self.stats.flush_errors += 1
+        except BaseException as e:
+            self._failed(self.stats.flush, e)
             raise
-        finally:
-            self._leave()
-        self.stats.flush_ops += 1
-        self.stats.flush_ns += perf_counter_ns() - t0
+        self._done(self.stats.flush, 0, t0)
 
     def _check_writable(self, offset: int, length: int) -> None:
         if self.spec.read_only:
@@ -184,18 +173,13 @@ class Disk:
     async def discard(self, offset: int, length: int) -> None:
         """Advisory: the range may read back as before or as zeroes (TRIM, NBD_CMD_TRIM)."""
         self._check_writable(offset, length)
-        await self._enter()
-        t0 = perf_counter_ns()
+        t0 = await self._enter()
         try:
             await self.root.discard(offset, length)
-        except Exception:
-            self.stats.discard_errors += 1
+        except BaseException as e:
+            self._failed(self.stats.discard, e)
             raise
-        finally:
-            self._leave()
-        self.stats.discard_ops += 1
-        self.stats.discard_bytes += length
-        self.stats.discard_ns += perf_counter_ns() - t0
+        self._done(self.stats.discard, length, t0)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """The range reads as zeroes afterwards; `unmap` lets nodes free the space.
@@ -203,18 +187,13 @@ class Disk:
         What fallocate(PUNCH_HOLE) and NBD_CMD_WRITE_ZEROES promise, unlike discard.
         """
         self._check_writable(offset, length)
-        await self._enter()
-        t0 = perf_counter_ns()
+        t0 = await self._enter()
         try:
             await self.root.write_zeroes(offset, length, unmap)
-        except Exception:
-            self.stats.write_zeroes_errors += 1
+        except BaseException as e:
+            self._failed(self.stats.write_zeroes, e)
             raise
-        finally:
-            self._leave()
-        self.stats.write_zeroes_ops += 1
-        self.stats.write_zeroes_bytes += length
-        self.stats.write_zeroes_ns += perf_counter_ns() - t0
+        self._done(self.stats.write_zeroes, length, t0)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """What the range holds, clipped to the disk (SEEK_DATA/SEEK_HOLE, NBD block status)."""
@@ -222,18 +201,13 @@ class Disk:
         if offset >= size or length <= 0:
             return []
         length = min(length, size - offset)
-        await self._enter()
-        t0 = perf_counter_ns()
+        t0 = await self._enter()
         try:
             extents = await self.root.block_status(offset, length)
-        except Exception:
-            self.stats.block_status_errors += 1
+        except BaseException as e:
+            self._failed(self.stats.block_status, e)
             raise
-        finally:
-            self._leave()
-        self.stats.block_status_ops += 1
-        self.stats.block_status_bytes += length
-        self.stats.block_status_ns += perf_counter_ns() - t0
+        self._done(self.stats.block_status, length, t0)
         return extents
 
     async def resize(self, size: int) -> None:

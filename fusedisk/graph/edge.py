@@ -18,7 +18,6 @@ hooks pays one truth test per request.
 
 from __future__ import annotations
 
-from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -149,18 +148,13 @@ class Edge:
             padded = await self.read(start, end - start)
             return padded[offset - start : offset - start + length]
         st = node.stats
-        st.started()
-        t0 = perf_counter_ns()
+        t0 = st.start()
         try:
             data = await node.read(offset, length)
-        except Exception:
-            st.read_errors += 1
+        except BaseException as e:
+            st.failed(st.read, e)
             raise
-        finally:
-            st.in_flight -= 1
-        st.read_ops += 1
-        st.read_bytes += length
-        st.read_ns += perf_counter_ns() - t0
+        st.done(st.read, length, t0)
         return data
 
     async def write(self, offset: int, data: bytes, *, _hooked: bool = False) -> None:
@@ -203,33 +197,24 @@ class Edge:
 
     async def _write_now(self, node: Node, offset: int, data: bytes) -> None:
         st = node.stats
-        st.started()
-        t0 = perf_counter_ns()
+        t0 = st.start()
         try:
             await node.write(offset, data)
-        except Exception:
-            st.write_errors += 1
+        except BaseException as e:
+            st.failed(st.write, e)
             raise
-        finally:
-            st.in_flight -= 1
-        st.write_ops += 1
-        st.write_bytes += len(data)
-        st.write_ns += perf_counter_ns() - t0
+        st.done(st.write, len(data), t0)
 
     async def flush(self) -> None:
         node = self.node
         st = node.stats
-        st.started()
-        t0 = perf_counter_ns()
+        t0 = st.start()
         try:
             await node.flush()
-        except Exception:
-            st.flush_errors += 1
+        except BaseException as e:
+            st.failed(st.flush, e)
             raise
-        finally:
-            st.in_flight -= 1
-        st.flush_ops += 1
-        st.flush_ns += perf_counter_ns() - t0
+        st.done(st.flush, 0, t0)
 
     async def discard(self, offset: int, length: int, *, _hooked: bool = False) -> None:
         """Discard is advisory: the unaligned head and tail are simply kept."""
@@ -247,15 +232,13 @@ class Edge:
         if end <= start:
             return
         st = node.stats
-        t0 = perf_counter_ns()
+        t0 = st.start()
         try:
             await node.discard(start, end - start)
-        except Exception:
-            st.discard_errors += 1
+        except BaseException as e:
+            st.failed(st.discard, e)
             raise
-        st.discard_ops += 1
-        st.discard_bytes += end - start
-        st.discard_ns += perf_counter_ns() - t0
+        st.done(st.discard, end - start, t0)
 
     async def write_zeroes(
         self, offset: int, length: int, unmap: bool = False, *, _hooked: bool = False
@@ -283,25 +266,29 @@ class Edge:
             await self.write(end, bytes(offset + length - end))
         token = await self._locks.acquire(start, end) if align > 1 else None
         st = node.stats
-        t0 = perf_counter_ns()
+        t0 = st.start()
         try:
             await node.write_zeroes(start, end - start, unmap)
-        except Exception:
-            st.write_zeroes_errors += 1
+        except BaseException as e:
+            st.failed(st.write_zeroes, e)
             raise
         finally:
             if token is not None:
                 self._locks.release(token)
-        st.write_zeroes_ops += 1
-        st.write_zeroes_bytes += end - start
-        st.write_zeroes_ns += perf_counter_ns() - t0
+        st.done(st.write_zeroes, end - start, t0)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         node = self._check_range(offset, length, False)
         if length == 0:
             return []
-        node.stats.block_status_ops += 1
-        extents = await node.block_status(offset, length)
+        st = node.stats
+        t0 = st.start()
+        try:
+            extents = await node.block_status(offset, length)
+        except BaseException as e:
+            st.failed(st.block_status, e)
+            raise
+        st.done(st.block_status, length, t0)
         return clip_extents(extents, offset, length)
 
     async def truncate(self, size: int) -> None:

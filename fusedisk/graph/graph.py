@@ -19,7 +19,7 @@ from fusedisk.graph.disk import Disk
 from fusedisk.graph.jobs import Jobs
 from fusedisk.graph.node import Node, walk
 from fusedisk.graph.registry import default_options, drivers
-from fusedisk.spec import DiskSpec, Spec
+from fusedisk.spec_types import DiskSpec, Spec
 
 log = logging.getLogger("fusedisk")
 

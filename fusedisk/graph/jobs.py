@@ -1,20 +1,25 @@
 """The job engine: every graph operation is a Job run by the graph's one registry.
 
 A job (snapshot, commit, stream, revert, a quorum's scrub and replace, the
-truncate of a growable disk) goes through the same life, as QEMU's job.h:
+truncate of a growable disk) goes through the same life, with QEMU's phase names
+(include/qemu/job.h: run, then prepare, then commit or abort):
 
     claims()    the nodes it touches, taken before anything else happens: an
                 operation whose nodes overlap a running job's is refused with
                 EBUSY and a sentence naming both (docs/operations.md)
-    prepare()   set-up, in the request that started it: its errors go to the
-                writer of the control file (a bad spare, a name taken)
+    setup()     checks and set-up, in the request that started it (QEMU does this
+                when it creates the job): its errors go to the writer of the
+                control file (a bad spare, a name taken)
     run()       the long part (copying), in the background for a background
                 job, in a system task that `cancel` stops
-    commit()    the graph switch: one Transaction (transaction.py)
-    abort()     on failure or cancel: the transaction's rollback
+    prepare()   the graph switch, which may still fail: one Transaction
+                (transaction.py) that applies or rolls back whole
+    commit()    after a successful prepare: what cannot fail (nothing by default)
+    abort()     after a failure or cancel in any phase: the transaction's rollback
 
-Progress (done_bytes / total_bytes), state and error are what `<disk>/job`
-shows; `wait` returns when a job ends.  One registry per graph.
+The state (JobState) moves only along JOB_TRANSITIONS, as QEMU's JobSTT
+table allows.  Progress (done_bytes / total_bytes), state and error are what
+`<disk>/job` shows; `wait` returns when a job ends.  One registry per graph.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
@@ -41,6 +47,26 @@ log = logging.getLogger("fusedisk")
 
 class JobError(ControlError):
     pass
+
+
+class JobState(StrEnum):
+    """What `<disk>/job` shows as `state`; the values are the documented words."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: the moves a job's state may make (QEMU's JobSTT, reduced to fusedisk's states)
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.CREATED: frozenset({JobState.RUNNING}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
 
 
 class Busy(ControlError):
@@ -68,7 +94,7 @@ class Job:
         self.target = target
         #: the node whose control file started it (a quorum for scrub and replace)
         self.owner = ""
-        self.state = "created"  # created | running | done | failed | cancelled
+        self.state = JobState.CREATED
         self.done_bytes = 0
         self.total_bytes = 0
         self.error = ""
@@ -85,14 +111,23 @@ class Job:
         """The nodes this job touches (computed from the live graph, no I/O)."""
         raise NotImplementedError
 
-    async def prepare(self) -> None:
+    def move(self, state: JobState) -> None:
+        """Change state along JOB_TRANSITIONS only: a wrong move is a bug, said loudly."""
+        if state not in JOB_TRANSITIONS[self.state]:
+            raise RuntimeError(f"{self.kind}: job state {self.state} cannot become {state}")
+        self.state = state
+
+    async def setup(self) -> None:
         """Check and set up; register undos on `self.txn`."""
 
     async def run(self) -> None:
         """The long part; yields often (cancellation, guest requests)."""
 
+    async def prepare(self) -> None:
+        """Switch the graph (one `self.txn.apply` with the record); may fail."""
+
     async def commit(self) -> None:
-        """Switch the graph (one `self.txn.apply` with the record)."""
+        """After a successful prepare; must not fail."""
 
     async def abort(self) -> None:
         await self.txn.rollback()
@@ -160,13 +195,13 @@ class Jobs:
         nodes = job.claims()
         self._refuse_overlap(job.kind, job.disk, nodes)
         job.claimed = nodes
-        job.state = "running"
+        job.move(JobState.RUNNING)
         self.running.append(job)
         self.last[job.disk.name] = job
         if job.owner:
             self.last_owned[(job.owner, job.kind)] = job
         try:
-            await job.prepare()
+            await job.setup()
         except BaseException as e:
             await self._finish(job, e)
             raise
@@ -183,6 +218,8 @@ class Jobs:
         try:
             with job.scope:
                 await job.run()
+                await job.prepare()
+            if not job.scope.cancelled_caught:
                 await job.commit()
         except BaseException as e:
             error = e
@@ -193,23 +230,25 @@ class Jobs:
 
     async def _finish(self, job: Job, error: BaseException | None, cancelled: bool = False) -> None:
         if cancelled or isinstance(error, trio.Cancelled):
-            job.state, job.error = "cancelled", "cancelled"
+            job.move(JobState.CANCELLED)
+            job.error = "cancelled"
         elif error is not None:
-            job.state, job.exception = "failed", error
+            job.move(JobState.FAILED)
+            job.exception = error
             if isinstance(error, FuseDiskError):
                 job.error = str(error)
             else:
                 job.error = f"{type(error).__name__}: {error}"
                 log.error("disk '%s': %s failed", job.disk.name, job.kind, exc_info=error)
         else:
-            job.state = "done"
-        if job.state != "done" and not job.txn.committed:
+            job.move(JobState.DONE)
+        if job.state != JobState.DONE and not job.txn.committed:
             await job.abort()
         job.finished = time.time()
         if job in self.running:
             self.running.remove(job)
         job.over.set()
-        if job.state == "failed":
+        if job.state == JobState.FAILED:
             log.error("disk '%s': %s failed: %s", job.disk.name, job.kind, job.error)
         elif job.background:
             log.info("disk '%s': %s of %s %s", job.disk.name, job.kind, job.target, job.state)
@@ -251,7 +290,7 @@ class Jobs:
     @staticmethod
     async def wait(job: Job) -> None:
         await job.over.wait()
-        if job.state != "done":
+        if job.state != JobState.DONE:
             raise JobError(f"disk '{job.disk.name}': the {job.kind} {job.state}: {job.error}")
 
     async def aclose(self) -> None:

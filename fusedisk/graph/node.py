@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from fusedisk.errors import ControlError, NotSupported
+from fusedisk.graph.driver_slots import DriverSlots
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent, Status
 from fusedisk.graph.options import Option, OptionValueError
@@ -144,10 +145,10 @@ COMMON_OPTIONS: Mapping[str, Option] = {
 }
 
 
-class Node:
-    """Base of every driver.  Defaults refuse every request (see module doc)."""
+class Node(DriverSlots):
+    """Base of every driver.  Defaults refuse every request (see module doc); the
+    image-level slots (probe, create, info) are in graph/driver_slots.py."""
 
-    driver: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     option_specs: ClassVar[Mapping[str, Option]] = {}
     child_slots: ClassVar[tuple[ChildSlot, ...]] = ()

@@ -24,8 +24,9 @@ _SIZE_SUFFIXES = {
     "g": 1 << 30,
     "t": 1 << 40,
     "p": 1 << 50,
+    "e": 1 << 60,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpb]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpeb]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
 class OptionValueError(ValueError):
@@ -98,6 +99,18 @@ def _parse_str(value: Any) -> str:
     raise OptionValueError(f"expected a string, got {value!r}")
 
 
+def _parse_list(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return list(value)
+    raise OptionValueError(f"expected a list, got {value!r}")
+
+
+def _parse_table(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return dict(value)
+    raise OptionValueError(f"expected a table, got {value!r}")
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "int": _parse_int,
     "size": parse_size,
@@ -105,6 +118,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "bool": _parse_bool,
     "str": _parse_str,
     "path": _parse_str,
+    "list": _parse_list,  # checked further by the driver (rbd's `server`)
+    "table": _parse_table,  # likewise (rbd's `rados-options`)
 }
 
 

@@ -27,7 +27,7 @@ from fusedisk.graph.changes import load_changes, overlay_links
 from fusedisk.graph.jobs import Job, JobError
 from fusedisk.graph.node import Node, Role, walk
 from fusedisk.graph.registry import overlay_driver
-from fusedisk.graph.snapshot import image_of, leaf_driver, repoint
+from fusedisk.graph.snapshot import backing_reference, image_of, leaf_driver, repoint
 
 if TYPE_CHECKING:
     from fusedisk.graph.disk import Disk
@@ -59,7 +59,7 @@ class RevertJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.disk.top))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         graph, disk = self.graph, self.disk
         record = snapshot_record(graph, disk, self.name, "revert")
         self.target = record["name"]
@@ -89,8 +89,8 @@ class RevertJob(Job):
         temp = path.with_name(f".{path.name}.revert")
         self.txn.undo_later(partial(temp.unlink, missing_ok=True))
         temp.unlink(missing_ok=True)
-        driver.create_overlay(temp, node.size, os.path.relpath(image_of(base), path.parent),
-                              base.driver)  # fmt: skip
+        backing, backing_format = backing_reference(base, path)
+        driver.create_overlay(temp, node.size, backing, backing_format)
         file_node = await graph.add_node(
             temp_name(graph, f"{node.name}.file"), leaf_driver(node), {"filename": str(temp)}, {}
         )
@@ -101,7 +101,7 @@ class RevertJob(Job):
         self.txn.undo_later(partial(graph.remove_node, new))
         self.fresh.append((file_node, new, temp))
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         steps = [repoint(user_edge(old), new) for (old, _, _), (_, new, _) in
                  zip(self.targets, self.fresh, strict=True)]  # fmt: skip
         await self.txn.apply(steps, durable=self._rename_files, then=[self._forget_old])

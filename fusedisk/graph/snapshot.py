@@ -80,9 +80,34 @@ def image_of(node: Node) -> Path:
 
 def leaf_driver(node: Node) -> str:
     """The driver of the leaf that holds a format node's image: an overlay beside it
-    is opened with the same one (no driver is named here)."""
+    is opened with the same one (no driver is named here).  An overlay of a network
+    leaf (a `protocol` such as rbd) is a host file: `file`."""
+    if is_network_leaf(node):
+        return "file"
     image_of(node)
     return node.children["file"].node.driver
+
+
+def is_network_leaf(node: Node) -> bool:
+    """A leaf whose image lives in a store named `PROTO:...` (rbd), not a host file."""
+    return node.protocol is not None and not node.children
+
+
+def overlay_path(node: Node, snapshot: str, spec_folder: Path) -> Path:
+    """Where the overlay of `node` for `snapshot` goes: beside its image file, or for
+    a network leaf, in the spec's folder, named after the node."""
+    if is_network_leaf(node):
+        return spec_folder / f"{node.name}.{snapshot}.qcow2"
+    return overlay_filename(image_of(node), snapshot)
+
+
+def backing_reference(base: Node, overlay: Path) -> tuple[str, str]:
+    """(name, format) an overlay's header gives for `base`: its image file relative to
+    the overlay's folder, or a network leaf's own name (QEMU's `rbd:pool/image:...`)
+    in raw format, so QEMU's tools can follow the chain."""
+    if is_network_leaf(base):
+        return base.backing_name(), "raw"  # type: ignore[attr-defined]
+    return os.path.relpath(image_of(base), overlay.parent), base.driver
 
 
 def overlay_filename(image: Path, snapshot: str) -> Path:
@@ -94,7 +119,6 @@ def overlay_filename(image: Path, snapshot: str) -> Path:
 class _Plan:
     edge: Edge
     base: Node
-    image: Path
     overlay: Path
     node_name: str
 
@@ -147,7 +171,7 @@ class SnapshotJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.start.node))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         graph, name = self.graph, self.target
         if not _SNAPSHOT_NAME.match(name):
             raise SnapshotError(f"snapshot name {name!r}: use letters, digits and _ . + - only")
@@ -157,13 +181,12 @@ class SnapshotJob(Job):
             )
         taken: set[str] = set()
         for edge in snapshot_points(self.start):
-            image = image_of(edge.node)
-            overlay_path = overlay_filename(image, name)
-            if overlay_path.exists():
-                raise SnapshotError(f"snapshot '{name}': '{overlay_path}' exists already")
+            path = overlay_path(edge.node, name, graph.spec.base_dir)
+            if path.exists():
+                raise SnapshotError(f"snapshot '{name}': '{path}' exists already")
             node_name = unique_node_name(graph, f"{edge.node.name}.{name}", taken)
             taken.add(node_name)
-            self.plans.append(_Plan(edge, edge.node, image, overlay_path, node_name))
+            self.plans.append(_Plan(edge, edge.node, path, node_name))
         try:
             await self._make_overlays()
         except (FuseDiskError, OSError) as e:
@@ -174,12 +197,8 @@ class SnapshotJob(Job):
         overlays = []
         for plan in self.plans:
             self.txn.undo_later(partial(plan.overlay.unlink, missing_ok=True))
-            driver.create_overlay(
-                plan.overlay,
-                plan.base.size,
-                os.path.relpath(plan.image, plan.overlay.parent),
-                plan.base.driver,
-            )
+            backing, backing_format = backing_reference(plan.base, plan.overlay)
+            driver.create_overlay(plan.overlay, plan.base.size, backing, backing_format)
             overlays.append(
                 {"node": plan.node_name, "base": plan.base.name, "filename": str(plan.overlay),
                  "driver": driver.driver, "file-driver": leaf_driver(plan.base)}
@@ -204,7 +223,7 @@ class SnapshotJob(Job):
             self.txn.undo_later(partial(self.graph.remove_node, node))
             self.opened.append(node)
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         steps: list[Step] = []
         for plan, node in zip(self.plans, self.opened, strict=True):
             steps.append(repoint(plan.edge, node))

@@ -66,7 +66,7 @@ class StreamJob(Job):
     def claims(self) -> list[Node]:
         return list(walk(self.disk.top))
 
-    async def prepare(self) -> None:
+    async def setup(self) -> None:
         name = self.disk.name
         if self.text:
             raise JobError(f"disk '{name}': stream takes no argument, not {self.text!r}")
@@ -98,7 +98,7 @@ class StreamJob(Job):
             await copy_chunks([(0, node.size)], partial(_fill_from_backing, edge),
                               lock=gate.lock, disks=[self.disk], progress=self)  # fmt: skip
 
-    async def commit(self) -> None:
+    async def prepare(self) -> None:
         steps = [Step(partial(user.hooks.remove, gate), partial(user.hooks.append, gate))
                  for _, user, gate, _ in self.gates]  # fmt: skip
         changes = [{"op": "stream", "disk": self.disk.name, "node": n.name} for n in self.overlays]

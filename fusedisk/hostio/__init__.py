@@ -4,6 +4,8 @@
                    creating them (regular files and block devices, never blocking)
 - host_file.py     `HostFile`: inline when a call cannot block (RWF_NOWAIT), otherwise the
                    ring or the batched workers
+- syscalls.py      the blocking calls themselves: full reads and writes, fallocate,
+                   O_DIRECT buffers and alignment, one-copy reads
 - uring.py         io_uring for host reads, writes and fdatasync
 - workers.py       a few threads on one queue: blocking calls without a hand-off per call
 - write_behind.py  buffered writes acknowledged when queued, written in order by one thread

@@ -14,8 +14,9 @@ They resolve relative to the image's folder, as QEMU resolves them, and by
 default must stay inside the spec's folders (`header_file_path`); reaching
 elsewhere takes the node option `backing-files = "any"` (docs/security.md).
 
-Files fusedisk creates at names it chooses (`write_new_file`) are made with
-O_EXCL|O_NOFOLLOW, so a symlink planted at the name is never followed.
+Every file fusedisk creates (images, keys, state files) is made by `create_file`:
+O_EXCL|O_NOFOLLOW, so an existing file is never replaced and a symlink planted at
+the name is never followed; then fsync'd with its folder.
 """
 
 from __future__ import annotations
@@ -133,22 +134,73 @@ def read_head(path: str, length: int, where: str) -> bytes:
         os.close(fd)
 
 
-def write_new_file(path: str | os.PathLike[str], data: bytes, mode: int, replace: bool) -> None:
-    """Create a file at a name fusedisk chose and write `data`: O_EXCL|O_NOFOLLOW, so
-    a symlink planted at the name is never followed (with `replace`, the old name,
-    symlink or not, is unlinked first; a symlink's target is left alone)."""
+def create_file(
+    path: str | os.PathLike[str],
+    where: str,
+    *,
+    chunks: tuple[tuple[int, bytes], ...] = (),
+    size: int | None = None,
+    mode: int = 0o644,
+    replace: bool = False,
+) -> None:
+    """The one way fusedisk creates a file: images, keys, state files, demo specs.
+
+    O_EXCL|O_NOFOLLOW, so an existing file is never overwritten and a symlink
+    planted at the name is never followed (with `replace`, the old name, symlink
+    or not, is unlinked first; a symlink's target is left alone).  `chunks` are
+    written at their offsets, the file is extended to `size`, then the file and
+    its folder are fsync'd, so a created image survives a crash.  Errors are
+    OpenError sentences that start with `where`.
+    """
     if replace:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, mode)
+    except FileExistsError:
+        raise OpenError(f"{where}: the file exists (remove it first)") from None
     except OSError as e:
-        raise OpenError(
-            f"cannot create '{path}': {e.strerror} (a name fusedisk chooses is never "
-            "written through a symlink)"
-        ) from None
+        hint = " (a symlink at that name is never followed)" if e.errno == errno.ELOOP else ""
+        raise OpenError(f"{where}: {e.strerror}{hint}") from None
     try:
-        os.write(fd, data)
+        for offset, data in chunks:
+            os.pwrite(fd, data, offset)
+        if size is not None:
+            os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as e:
+        raise OpenError(f"{where}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    fsync_folder(os.path.dirname(os.fspath(path)) or ".")
+
+
+def fsync_folder(folder: str | os.PathLike[str]) -> None:
+    """Make a new or renamed name in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: str | os.PathLike[str], data: bytes, mode: int, replace: bool) -> None:
+    """Create a file at a name fusedisk chose, holding `data` (see `create_file`)."""
+    create_file(path, f"cannot create '{path}'", chunks=((0, data),), mode=mode, replace=replace)
+
+
+def backing_path(image: str | os.PathLike[str], name: str) -> str:
+    """QEMU's rule: a relative backing file name is relative to the image's folder."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.fspath(image)), name)
+
+
+def image_size(path: str, where: str) -> int:
+    """The size of an image file, or of a block device (whose st_size is 0)."""
+    fd, _ = open_host_file(path, False, where)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)

@@ -24,6 +24,9 @@ What keeps that safe:
   and every later write, flush and drain raises the error, naming the offset,
   until the file is reopened.  The guest learns of it at its next flush, as
   it would from a disk whose cache could not be written.
+- **No stale reads.**  A read that overlaps a dropped write fails with that
+  error too: it must see the acknowledged data or fail, never return the old
+  bytes silently.  Reads of other ranges go on.
 - **Bounded.**  At most `max_bytes` are queued per file; a write beyond that
   waits for the oldest (backpressure, as dirty-page throttling would give).
 - **Write-through where a reply must mean more.**  A front whose clients take
@@ -123,6 +126,7 @@ class WriteBehind:
         # shared with the thread, under _lock
         self._done = 0  # every write with seq <= _done has been written (or dropped)
         self._failure: OSError | None = None
+        self._lost: list[tuple[int, int]] = []  # (offset, end) of writes dropped
         self._waiters: list[tuple[int, Any]] = []  # (seq, trio task)
         self._closed = False
         #: counters for `stats`
@@ -135,6 +139,15 @@ class WriteBehind:
     def busy(self) -> bool:
         """True while writes may still be queued (cheap: no lock)."""
         return self._done < self._seq
+
+    @property
+    def failed(self) -> bool:
+        """True once an acknowledged write has failed (see the module doc)."""
+        return self._failure is not None
+
+    def check(self) -> None:
+        """Raise the file's failure, if any (for a write that bypasses the queue)."""
+        self._raise_failure()
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Queue a write; returns at once unless `max_bytes` are already queued
@@ -185,7 +198,8 @@ class WriteBehind:
         self._raise_failure()
 
     async def before_read(self, offset: int, length: int) -> None:
-        """Wait for the queued writes that overlap [offset, offset+length)."""
+        """Wait for the queued writes that overlap [offset, offset+length); raise the
+        file's failure if one of them, or any earlier write there, was dropped."""
         self._forget_done()
         in_chunk = self._in_chunk
         end = offset + length
@@ -196,6 +210,20 @@ class WriteBehind:
                     last = w.seq
         if last:
             await self._wait_for(last)
+        if self._failure is not None:
+            self._check_lost(offset, end)
+
+    def _check_lost(self, offset: int, end: int) -> None:
+        with self._lock:
+            lost = next(((a, b) for a, b in self._lost if a < end and offset < b), None)
+        if lost is not None:
+            failure = self._failure
+            assert failure is not None
+            raise OSError(
+                failure.errno,
+                f"{self.where}: a read of {end - offset} bytes at offset {offset} "
+                f"overlaps data that was acknowledged but never written ({failure.strerror})",
+            )
 
     def close(self) -> None:
         """No more writes; the thread writes what is queued, then closes its descriptor."""
@@ -278,6 +306,8 @@ class WriteBehind:
                             "more writes until it is reopened",
                         )
                 with self._lock:
+                    if self._failure is not None:
+                        self._lost.append((w.offset, w.offset + len(w.data)))
                     self._done = w.seq
                     wake = any(seq <= w.seq for seq, _ in self._waiters)
                 if wake:

@@ -35,6 +35,8 @@ from fusedisk.filters.luks.cipher import (
     make_sector_cipher,
     sector_pieces,
 )
+from fusedisk.filters.luks.describe import describe
+from fusedisk.graph.driver_slots import PROBE_CERTAIN
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent, Status, merge_extents
 from fusedisk.graph.node import ChildSlot, Control, GraphOp, Node, Role
@@ -151,6 +153,14 @@ class LuksNode(Node):
     )
     child_slots = (ChildSlot("file", Role.FILE),)
     graph_op = GraphOp.PASS
+
+    @classmethod
+    def probe(cls, head: bytes) -> int:
+        return PROBE_CERTAIN if lh.probe(head) is not None else 0
+
+    @classmethod
+    def info(cls, target: str) -> dict[str, Any]:
+        return describe(target)
 
     _cipher: SectorCipher | None = None
     _payload = 0

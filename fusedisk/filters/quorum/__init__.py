@@ -3,7 +3,8 @@
 - vote.py      the vote: pure functions on what children answered
 - health.py    per-child states, counters and log lines, repair of a child that lost a vote
 - children.py  what the quorum offers the graph's scrub and replace jobs
-- node.py      the driver: options, fan-out of requests
+- fanout.py    running one request on several children at once (inline or in a nursery)
+- node.py      the driver: options, the read vote, writes to every child
 """
 
 from fusedisk.filters.quorum.node import QuorumNode

@@ -26,6 +26,8 @@ class QuorumChildren:
 
     def __init__(self, node: QuorumNode) -> None:
         self.node = node
+        #: the state a slot had before `promote`, which `demote` puts back
+        self._before_promote: dict[str, ChildState] = {}
 
     @property
     def copy_lock(self) -> RangeLock:
@@ -154,14 +156,17 @@ class QuorumChildren:
         new = temp.node
         self.detach_resync(temp)
         slot.replace(new)
+        self._before_promote[slot.name] = q.child_state[slot.name]
         q.child_state[slot.name] = ChildState()
         log.info("node '%s': %s is now '%s' (resynced)", q.name, slot.name, new.name)
 
     def demote(self, slot: Edge, temp: Edge, old: Node) -> None:
-        """Undo `promote`: the old node back in its slot, the new one resyncing again."""
+        """Undo `promote`: the old node back in its slot in the state it had (a failed
+        child stays failed: its data is stale), the new one resyncing again."""
         q = self.node
         new = slot.node
         slot.replace(old)
+        q.child_state[slot.name] = self._before_promote.pop(slot.name)
         q.child_state[temp.name] = ChildState(state=RESYNCING)
         q.children[temp.name] = temp
         temp.node = new

@@ -37,7 +37,8 @@ only offers its ChildSet capability (a vote-and-repair step, a resync step,
 and attach / detach / promote / demote of a child); the graph's copy loop runs
 the steps chunk by chunk under this node's range lock, and the switch to a
 new child is a graph transaction under drain, recorded in the change log.
-Child states, counters and the `status` file are kept in health.py.
+Child states, counters and the `status` file are kept in health.py; running one
+request on several children at once in fanout.py.
 """
 
 from __future__ import annotations
@@ -45,20 +46,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import trio
-
 from fusedisk.errors import ControlError, OpenError
 from fusedisk.filters.quorum.children import QuorumChildren
+from fusedisk.filters.quorum.fanout import FanOut
 from fusedisk.filters.quorum.health import ChildState, QuorumHealth, describe_undecided
 from fusedisk.filters.quorum.vote import Verdict, vote, zero_majority
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSet, ChildSlot, Control, GraphOp, Node, NodeContext, Role
 from fusedisk.graph.options import REQUIRED, Option, option_table
-
-#: concurrent (nursery) requests after which children are probed again (see _each)
-PROBE_EVERY = 4096
-
 
 # -- the node ---------------------------------------------------------------------
 
@@ -114,11 +110,8 @@ class QuorumNode(Node):
         #: guest writes take it per range; a scrub or resync chunk holds it (graph/copy.py)
         self.copy_lock = RangeLock()
         self._children_set = QuorumChildren(self)
-        self._yielding: set[str] = set()  # children seen yielding to trio (see _each)
-        self._concurrent_requests = 0
-        #: child reads in progress now, and the most ever at once (`stats`: proof of overlap)
-        self.child_reads_in_flight = 0
-        self.peak_child_reads_in_flight = 0
+        #: runs one request on several children at once (fanout.py)
+        self.fanout = FanOut()
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -166,56 +159,7 @@ class QuorumNode(Node):
         """Children a write goes to: those in service and any being resynced."""
         return [e for e in self.children.values() if self.child_state[e.name].written]
 
-    # -- running a request on several children -------------------------------------
-
-    async def _each(self, edges: list[Edge], request: Callable[[Edge], Awaitable[None]]) -> None:
-        """Run `request` (which catches its own errors) on every edge, concurrently.
-
-        Children that answer without yielding to trio (a file in the page cache:
-        pread is done inline) are simply called one after another: they block
-        the event loop anyway, so a nursery would add its cost (tens of µs per
-        request) and no overlap.  A child seen yielding (a thread, a network
-        wait, a throttle) switches the node to a nursery; the record is
-        forgotten every PROBE_EVERY concurrent requests, to look again.
-        """
-        if len(edges) > 1 and not self._yielding:
-            task = trio.lowlevel.current_task()
-            if hasattr(task, "_schedule_points"):  # trio's count of a task's yields
-                for edge in edges:
-                    before = task._schedule_points
-                    await request(edge)
-                    if task._schedule_points != before:
-                        self._yielding.add(edge.name)
-                return
-        if len(edges) == 1:
-            await request(edges[0])
-            return
-        self._concurrent_requests += 1
-        if self._concurrent_requests % PROBE_EVERY == 0:
-            self._yielding.clear()
-        async with trio.open_nursery() as nursery:
-            for edge in edges:
-                nursery.start_soon(request, edge)
-
     # -- reads ------------------------------------------------------------------------
-
-    async def _read_all(self, edges: list[Edge], offset: int, length: int) -> dict[str, Any]:
-        """Every edge's answer (bytes or the exception), read concurrently."""
-        results: dict[str, Any] = {}
-
-        async def one(edge: Edge) -> None:
-            self.child_reads_in_flight += 1
-            if self.child_reads_in_flight > self.peak_child_reads_in_flight:
-                self.peak_child_reads_in_flight = self.child_reads_in_flight
-            try:
-                results[edge.name] = await edge.read(offset, length)
-            except Exception as e:
-                results[edge.name] = e
-            finally:
-                self.child_reads_in_flight -= 1
-
-        await self._each(edges, one)
-        return results
 
     async def read(self, offset: int, length: int) -> bytes:
         if self.fifo:
@@ -238,7 +182,7 @@ class QuorumNode(Node):
             raise self.health.quorum_lost(
                 what, f"{len(voters)} children in service, {self.threshold} needed"
             )
-        results = await self._read_all(voters, offset, length)
+        results = await self.fanout.read_all(voters, offset, length)
         good = [r for r in results.values() if isinstance(r, bytes)]
         agree = all(r == good[0] for r in good[1:])
         if good and agree:
@@ -272,7 +216,7 @@ class QuorumNode(Node):
 
         The caller holds the range lock, so no guest write interleaves.
         """
-        results = await self._read_all(voters, offset, length)
+        results = await self.fanout.read_all(voters, offset, length)
         answers: dict[str, bytes] = {}
         failed: list[Edge] = []
         for edge in voters:
@@ -319,7 +263,7 @@ class QuorumNode(Node):
                 if edge.name not in voting:
                     self.child_state[edge.name].writes_mirrored += 1
 
-        await self._each(targets, one)
+        await self.fanout.each(targets, one)
         done = sum(1 for name in ok if name in voting)
         if done < self.threshold:
             raise self.health.quorum_lost(
@@ -377,7 +321,7 @@ class QuorumNode(Node):
             except Exception:
                 answers.append([])
 
-        await self._each(voters, one)
+        await self.fanout.each(voters, one)
         if majority:
             return zero_majority(offset, length, answers, self.threshold, len(voters))
         n = len(voters)
@@ -406,6 +350,6 @@ class QuorumNode(Node):
     def driver_stats(self) -> dict[str, Any]:
         return {
             **self.health.stats(),
-            "child_reads_in_flight": self.child_reads_in_flight,
-            "peak_child_reads_in_flight": self.peak_child_reads_in_flight,
+            "child_reads_in_flight": self.fanout.reads_in_flight,
+            "peak_child_reads_in_flight": self.fanout.peak_reads_in_flight,
         }

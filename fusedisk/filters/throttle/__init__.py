@@ -1,9 +1,11 @@
 """The `throttle` driver: QEMU's I/O limits, alone or in shared throttle groups.
 
 - bucket.py  the leaky bucket as a meter: pure arithmetic, no clock, no tasks
-- node.py    the trio glue: queues, round-robin in a group, run-time changes, drain
+- group.py   a throttle group: queues, round-robin among members, run-time changes, drain
+- node.py    the node: joins its group, sends requests through it (thin glue)
 """
 
-from fusedisk.filters.throttle.node import ThrottleGroup, ThrottleNode
+from fusedisk.filters.throttle.group import ThrottleGroup
+from fusedisk.filters.throttle.node import ThrottleNode
 
 __all__ = ["ThrottleGroup", "ThrottleNode"]

@@ -23,7 +23,8 @@ import numpy as np
 import trio
 
 from fusedisk.formats.dedup.cache import PageCache
-from fusedisk.formats.dedup.layout import PBT_PER_PAGE, Counters, Superblock, pbt_location
+from fusedisk.formats.dedup.entries import pbt_entries, pbt_location
+from fusedisk.formats.dedup.layout import PBT_PER_PAGE, Counters, Superblock
 
 #: recently freed blocks remembered for reuse (more are found by scanning)
 HINT_LIMIT = 65536
@@ -166,7 +167,7 @@ class Allocator:
             pno, _ = pbt_location(self.sb, base)
             page = await self.cache.get(pno)
             end = min(self.counters.hwm - base, PBT_PER_PAGE)
-            refcounts = np.frombuffer(page.data, dtype="<u8")[0 : end * 4 : 4]
+            refcounts = pbt_entries(page.data)["refcount"][:end]
             start = self.cursor - base
             for i in np.flatnonzero(refcounts[start:] == 0).tolist():
                 pbn = base + start + i

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fusedisk.errors import FuseDiskError
+from fusedisk.formats.dedup.entries import pbt_entries, pbt_holds, pbt_location
 from fusedisk.formats.dedup.index import (
     ContentIndex,
     bucket_checksum_ok,
     bucket_entries,
     bucket_problem,
 )
-from fusedisk.formats.dedup.layout import MAP_PER_PAGE, PAGE, PBT_PER_PAGE, pbt_location
+from fusedisk.formats.dedup.layout import MAP_PER_PAGE, PAGE, PBT_PER_PAGE
 
 if TYPE_CHECKING:
     from fusedisk.formats.dedup.volume import DedupVolume
@@ -112,88 +113,118 @@ async def _pages(node: DedupVolume, first: int, count: int) -> tuple[bytearray, 
     return raw, cached
 
 
+@dataclass
+class _Tally:
+    """What the passes count, to compare with the image's counters."""
+
+    used_logical: int = 0
+    used_physical: int = 0
+    hashed: int = 0
+
+
 async def check_image(node: DedupVolume, hashes: bool = True) -> CheckReport:
     """Check the image of an open dedup node; the caller keeps it from changing."""
     report = CheckReport()
     sb = node.sb
     c = node.counters
-    n_logical, n_physical, bs = sb.logical_blocks, sb.physical_blocks, sb.block_size
-    data_size = node.dt.size
-    map_pages = -(-n_logical // MAP_PER_PAGE)
-    used_logical = used_physical = hashed = 0
-
-    for lo in range(0, n_physical, SLICE):
-        hi = min(n_physical, lo + SLICE)
-        counts = np.zeros(hi - lo, dtype=np.int64)
-        for mfirst in range(0, map_pages, RUN):
-            k = min(RUN, map_pages - mfirst)
-            raw, _ = await _pages(node, sb.map_first_page + mfirst, k)
-            refs = np.frombuffer(raw, dtype="<u8")
-            lbn0 = mfirst * MAP_PER_PAGE
-            valid = refs[: max(0, n_logical - lbn0)]
-            if lo == 0:
-                if refs[len(valid) :].any():
-                    report.error("map entries past the last logical block are not zero")
-                for i in np.flatnonzero(valid > n_physical).tolist():
-                    report.error(
-                        f"logical block {lbn0 + i} maps to physical block {int(valid[i]) - 1}, "
-                        f"past the {n_physical} physical blocks"
-                    )
-                used_logical += int(np.count_nonzero(valid))
-            hit = valid[(valid > lo) & (valid <= hi)].astype(np.int64) - 1 - lo
-            if hit.size:
-                counts += np.bincount(hit, minlength=hi - lo)
-        for pfirst in range(lo // PBT_PER_PAGE, -(-hi // PBT_PER_PAGE), RUN):
-            k = min(RUN, -(-hi // PBT_PER_PAGE) - pfirst)
-            raw, _ = await _pages(node, sb.pbt_first_page + pfirst, k)
-            words = np.frombuffer(raw, dtype="<u8").reshape(-1, 4)
-            p0 = pfirst * PBT_PER_PAGE
-            a, b = max(lo, p0), min(hi, p0 + len(words))
-            if b == n_physical and (words[b - p0 :] != 0).any():
-                report.error("physical block table entries past the last block are not zero")
-            rows = words[a - p0 : b - p0]
-            refcounts = rows[:, 0].astype(np.int64)
-            expected = counts[a - lo : b - lo]
-            for i in np.flatnonzero(refcounts != expected).tolist():
-                pbn, rc, refs_ = a + i, int(refcounts[i]), int(expected[i])
-                if rc < refs_:
-                    report.error(
-                        f"physical block {pbn} has refcount {rc} but {refs_} logical blocks "
-                        "map to it"
-                    )
-                else:
-                    report.leak(
-                        f"physical block {pbn} has refcount {rc} but {refs_} logical blocks "
-                        "map to it"
-                    )
-            used_physical += int(np.count_nonzero(refcounts))
-            for i in np.flatnonzero(refcounts[max(0, c.hwm - a) :] > 0).tolist():
-                report.error(
-                    f"physical block {a + max(0, c.hwm - a) + i} is in use but at or above "
-                    f"the high-water mark {c.hwm}"
-                )
-            for i in np.flatnonzero(rows[:, 3]).tolist():
-                report.error(f"physical block {a + i}: the reserved word of its entry is not 0")
-            if hashes:
-                hashed += await _check_hashes(node, report, a, rows, expected, data_size)
-    if used_logical != c.used_logical:
+    tally = _Tally()
+    for lo in range(0, sb.physical_blocks, SLICE):
+        hi = min(sb.physical_blocks, lo + SLICE)
+        counts = await _count_references(node, report, tally, lo, hi)
+        await _check_table(node, report, tally, lo, hi, counts, hashes)
+    if tally.used_logical != c.used_logical:
         report.error(
-            f"the image counts {c.used_logical} logical blocks in use, the map has {used_logical}"
+            f"the image counts {c.used_logical} logical blocks in use, the map has "
+            f"{tally.used_logical}"
         )
-    if used_physical != c.used_physical:
+    if tally.used_physical != c.used_physical:
         report.error(
             f"the image counts {c.used_physical} physical blocks in use, the table has "
-            f"{used_physical}"
+            f"{tally.used_physical}"
         )
     index = await _check_index(node, report)
     report.summary = {
-        "logical_blocks_used": used_logical,
-        "physical_blocks_used": used_physical,
-        "block_size": bs,
-        "blocks_hashed": hashed,
+        "logical_blocks_used": tally.used_logical,
+        "physical_blocks_used": tally.used_physical,
+        "block_size": sb.block_size,
+        "blocks_hashed": tally.hashed,
         **index,
     }
     return report
+
+
+async def _count_references(
+    node: DedupVolume, report: CheckReport, tally: _Tally, lo: int, hi: int
+) -> np.ndarray:
+    """How many map entries point at each physical block of [lo, hi); the first
+    slice also checks the map entries themselves and counts those in use."""
+    sb = node.sb
+    n_logical, n_physical = sb.logical_blocks, sb.physical_blocks
+    map_pages = -(-n_logical // MAP_PER_PAGE)
+    counts = np.zeros(hi - lo, dtype=np.int64)
+    for mfirst in range(0, map_pages, RUN):
+        k = min(RUN, map_pages - mfirst)
+        raw, _ = await _pages(node, sb.map_first_page + mfirst, k)
+        refs = np.frombuffer(raw, dtype="<u8")
+        lbn0 = mfirst * MAP_PER_PAGE
+        valid = refs[: max(0, n_logical - lbn0)]
+        if lo == 0:
+            if refs[len(valid) :].any():
+                report.error("map entries past the last logical block are not zero")
+            for i in np.flatnonzero(valid > n_physical).tolist():
+                report.error(
+                    f"logical block {lbn0 + i} maps to physical block {int(valid[i]) - 1}, "
+                    f"past the {n_physical} physical blocks"
+                )
+            tally.used_logical += int(np.count_nonzero(valid))
+        hit = valid[(valid > lo) & (valid <= hi)].astype(np.int64) - 1 - lo
+        if hit.size:
+            counts += np.bincount(hit, minlength=hi - lo)
+    return counts
+
+
+async def _check_table(
+    node: DedupVolume,
+    report: CheckReport,
+    tally: _Tally,
+    lo: int,
+    hi: int,
+    counts: np.ndarray,
+    hashes: bool,
+) -> None:
+    """Compare the table entries of [lo, hi) with the references counted."""
+    sb = node.sb
+    hwm = node.counters.hwm
+    data_size = node.dt.size
+    last_page = -(-hi // PBT_PER_PAGE)
+    for pfirst in range(lo // PBT_PER_PAGE, last_page, RUN):
+        k = min(RUN, last_page - pfirst)
+        raw, _ = await _pages(node, sb.pbt_first_page + pfirst, k)
+        entries = pbt_entries(raw)
+        p0 = pfirst * PBT_PER_PAGE
+        a, b = max(lo, p0), min(hi, p0 + len(entries))
+        if b == sb.physical_blocks and np.frombuffer(raw, dtype="<u8")[(b - p0) * 4 :].any():
+            report.error("physical block table entries past the last block are not zero")
+        rows = entries[a - p0 : b - p0]
+        refcounts = rows["refcount"].astype(np.int64)
+        expected = counts[a - lo : b - lo]
+        for i in np.flatnonzero(refcounts != expected).tolist():
+            pbn, rc, refs_ = a + i, int(refcounts[i]), int(expected[i])
+            text = f"physical block {pbn} has refcount {rc} but {refs_} logical blocks map to it"
+            if rc < refs_:
+                report.error(text)
+            else:
+                report.leak(text)
+        tally.used_physical += int(np.count_nonzero(refcounts))
+        for i in np.flatnonzero(refcounts[max(0, hwm - a) :] > 0).tolist():
+            report.error(
+                f"physical block {a + max(0, hwm - a) + i} is in use but at or above "
+                f"the high-water mark {hwm}"
+            )
+        for i in np.flatnonzero(rows["reserved"]).tolist():
+            report.error(f"physical block {a + i}: the reserved word of its entry is not 0")
+        if hashes:
+            tally.hashed += await _check_hashes(node, report, a, rows, expected, data_size)
 
 
 async def _check_hashes(
@@ -204,7 +235,8 @@ async def _check_hashes(
     expected: np.ndarray,
     data_size: int,
 ) -> int:
-    """Hash every referenced block of a run of the table; the number hashed."""
+    """Hash every referenced block of a run of the table (`rows`: its entries); the
+    number hashed."""
     bs = node.sb.block_size
     used = np.flatnonzero(expected > 0).tolist()
     done = 0
@@ -224,9 +256,9 @@ async def _check_hashes(
             continue
         data = await node.dt.read(start * bs, count * bs)
         for n in range(count):
-            row = rows[used[i + n]]
+            stored = rows[used[i + n]]["digest"].tobytes()
             digest = ContentIndex.hash(memoryview(data)[n * bs : (n + 1) * bs])
-            if digest != row[1:3].tobytes():
+            if digest != stored:
                 report.error(f"physical block {start + n}: its data does not match its hash")
         done += count
         i = j
@@ -261,7 +293,6 @@ async def _check_index(node: DedupVolume, report: CheckReport) -> dict[str, int]
                 except FuseDiskError as e:
                     report.error(str(e))
                     continue
-                at = word * 8
-                if page.q[word] == 0 or bytes(page.data[at + 8 : at + 16]) != tag:
+                if page.q[word] == 0 or not pbt_holds(page, word, tag):
                     stale += 1
     return {"index_entries": entries, "stale_index_entries": stale, "torn_index_buckets": torn}

@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fusedisk.errors import SpecError
 from fusedisk.formats.dedup.check import CheckReport
+from fusedisk.formats.dedup.layout import MAGIC
 from fusedisk.formats.dedup.volume import DedupVolume
+from fusedisk.graph.driver_slots import PROBE_CERTAIN
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSlot, Control, GraphOp, Node, NodeContext, Role
@@ -105,6 +108,38 @@ class DedupNode(Node):
         ChildSlot("data", Role.DATA),
     )
     graph_op = GraphOp.TARGET
+
+    # -- image slots (graph/driver_slots.py) --------------------------------------------
+
+    create_options = option_table(
+        Option("data", "str", None, "the data file (FILE holds the metadata)"),
+        Option("block_size", "size", 4096, "deduplication block size"),
+    )
+
+    @classmethod
+    def probe(cls, head: bytes) -> int:
+        return PROBE_CERTAIN if head[: len(MAGIC)] == MAGIC else 0
+
+    @classmethod
+    def create(
+        cls,
+        target: str,
+        size: int | None,
+        options: dict[str, Any],
+        backing: str | None = None,
+        backing_format: str | None = None,
+    ) -> None:
+        from fusedisk.formats.dedup.create import create_image  # it opens a Graph
+
+        if size is None or not options["data"]:
+            raise SpecError("a dedup image needs a size and -o data=DATAFILE")
+        create_image(target, options["data"], size, options["block_size"])
+
+    @classmethod
+    def info(cls, target: str) -> dict[str, Any]:
+        from fusedisk.formats.dedup.create import describe
+
+        return describe(target)
 
     def __init__(
         self,

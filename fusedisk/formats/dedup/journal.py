@@ -43,7 +43,7 @@ from fusedisk.formats.dedup.layout import (
 )
 
 if TYPE_CHECKING:
-    from fusedisk.formats.dedup.volume import BlockStore
+    from fusedisk.formats.dedup.store import BlockStore
 
 
 @dataclass

@@ -9,8 +9,9 @@ The `metadata` child holds everything but the data blocks, in 4 KiB pages:
     index         content index: hash tag -> physical block, in fixed-size buckets
 
 The `data` child holds physical block `p` at byte `p * block_size`, nothing else.
-All integers are little-endian.  This module only packs and unpacks; the
-logic lives in journal.py, index.py, allocator.py and the driver.
+All integers are little-endian.  This module only packs and unpacks (the map
+and table entries, and where they live, are in entries.py); the logic lives
+in journal.py, index.py, allocator.py and volume.py.
 """
 
 from __future__ import annotations
@@ -381,19 +382,3 @@ def txn_set_checksum(head: bytearray, value: int) -> None:
 def txn_checksum(head: bytes | bytearray, rest: bytes | bytearray | memoryview) -> int:
     """Checksum of a transaction: its header page (checksum field as zero) and the rest."""
     return checksum(head[:_CHECKSUM_AT], rest)
-
-
-# -- where an entry lives ---------------------------------------------------------
-
-
-def map_location(sb: Superblock, lbn: int) -> tuple[int, int]:
-    """(page number, 64-bit word in the page) of logical block `lbn`'s map entry."""
-    return sb.map_first_page + lbn // MAP_PER_PAGE, lbn % MAP_PER_PAGE
-
-
-def pbt_location(sb: Superblock, pbn: int) -> tuple[int, int]:
-    """(page number, first 64-bit word) of physical block `pbn`'s table entry.
-
-    Words: +0 refcount, +1 and +2 the content hash, +3 reserved (zero).
-    """
-    return sb.pbt_first_page + pbn // PBT_PER_PAGE, (pbn % PBT_PER_PAGE) * (PBT_ENTRY // 8)

@@ -124,7 +124,7 @@ class NbdNode(Node):
             await client.close()
             raise OpenError(f"node '{self.name}': export '{self.export}' at {self.server} is "
                             "read-only; set read-only = true to use it")  # fmt: skip
-        self.info: ExportInfo = info
+        self.export_info: ExportInfo = info
         self.size = info.size
         self.request_alignment = info.min_block
         limit = min(info.max_block or MAX_COMMAND, MAX_COMMAND)
@@ -263,7 +263,7 @@ class NbdNode(Node):
             await self._call(f"write at {at}+{n}", run)
 
     async def flush(self) -> None:
-        if not self.info.can_flush:
+        if not self.export_info.can_flush:
             return
 
         async def run(c: NbdClient) -> None:
@@ -272,7 +272,7 @@ class NbdNode(Node):
         await self._call("flush", run)
 
     async def discard(self, offset: int, length: int) -> None:
-        if not self.info.can_trim or self.read_only:
+        if not self.export_info.can_trim or self.read_only:
             return
         for at, n in self._pieces(offset, length, self._big_piece()):
 
@@ -282,7 +282,7 @@ class NbdNode(Node):
             await self._call(f"trim at {at}+{n}", run)
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        if not self.info.can_zero:
+        if not self.export_info.can_zero:
             zeroes = bytes(min(length, 1 << 20))
             for at, n in self._pieces(offset, length, len(zeroes) or 1):
                 await self.write(at, zeroes[:n])
@@ -300,7 +300,7 @@ class NbdNode(Node):
         return MAX_STATUS - MAX_STATUS % self.request_alignment
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        if not self.info.base_allocation:
+        if not self.export_info.base_allocation:
             return [Extent(offset, length, Status.DATA | Status.ALLOCATED)]
         nbd = libnbd()
         end = offset + length

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 from fusedisk.errors import OpenError, SpecError
 from fusedisk.formats.qcow2.layout import (
@@ -28,12 +29,13 @@ from fusedisk.formats.qcow2.layout import (
     INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2,
     INCOMPAT_NAMES,
-    MAGIC,
     MAX_BACKING_NAME,
     Header,
     pack_header,
 )
-from fusedisk.hostio.files import check_kind, open_host_file, read_head
+from fusedisk.graph import registry
+from fusedisk.graph.options import Option, option_table
+from fusedisk.hostio.files import check_kind, create_file
 
 _COMPAT_NAMES = {0: "lazy refcounts"}
 _AUTOCLEAR_NAMES = {0: "bitmaps", 1: "raw external data"}
@@ -47,23 +49,41 @@ def _feature_table() -> bytes:
     return out
 
 
-def probe_format(path: str | Path) -> str:
-    """'qcow2' if the file starts with the qcow2 magic, else 'raw'."""
-    return "qcow2" if read_head(str(path), 4, "backing file") == MAGIC else "raw"
+#: `fusedisk create -f qcow2 -o ...`: qemu-img's option names
+CREATE_OPTIONS = option_table(
+    Option("cluster_size", "size", 65536, "cluster size, 512 to 2M"),
+    Option("compat", "str", "1.1", "format version", choices=("0.10", "1.1", "v2", "v3")),
+    Option("refcount_bits", "int", 16, "refcount width", choices=(1, 2, 4, 8, 16, 32, 64)),
+    Option("extended_l2", "bool", False, "32 subclusters per cluster"),
+    Option("compression_type", "str", "zlib", "zlib or zstd", choices=("zlib", "zstd")),
+    Option("lazy_refcounts", "bool", False, "set the lazy refcounts compatible bit"),
+    Option("data_file", "str", None, "keep guest data in this external file"),
+    Option("data_file_raw", "bool", False, "keep the data file a valid raw image"),
+)
 
 
-def image_size(path: str | Path, fmt: str) -> int:
-    """The virtual size of an existing image (for an overlay made without a size)."""
-    fd, _ = open_host_file(str(path), False, "backing file")
-    try:
-        if fmt == "qcow2":
-            head = os.pread(fd, 32, 0)
-            if head[:4] != MAGIC:
-                raise OpenError(f"'{path}' is not a qcow2 image")
-            return int(struct.unpack_from(">Q", head, 24)[0])
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
+def create_with_options(
+    path: str | Path,
+    size: int | None,
+    o: dict[str, Any],
+    backing: str | None,
+    backing_fmt: str | None,
+) -> None:
+    """`create_qcow2` from CREATE_OPTIONS' parsed values."""
+    create_qcow2(
+        path,
+        size,
+        backing,
+        backing_fmt,
+        o["cluster_size"],
+        version=2 if o["compat"] in ("0.10", "v2") else 3,
+        refcount_bits=o["refcount_bits"],
+        extended_l2=o["extended_l2"],
+        compression_type=o["compression_type"],
+        lazy_refcounts=o["lazy_refcounts"],
+        data_file=o["data_file"],
+        data_file_raw=o["data_file_raw"],
+    )
 
 
 def create_qcow2(
@@ -124,15 +144,11 @@ def create_qcow2(
         if len(backing.encode()) > MAX_BACKING_NAME:
             raise SpecError(f"{where}: the backing file name is longer than 1023 bytes")
         resolved = backing if os.path.isabs(backing) else str(path.parent / backing)
-        try:
-            if backing_fmt is None:
-                backing_fmt = probe_format(resolved)
-            if size is None:
-                size = image_size(resolved, backing_fmt)
-        except OSError as e:
-            raise OpenError(
-                f"{where}: cannot open backing file '{resolved}': {e.strerror}"
-            ) from None
+        backing_where = f"{where}: backing file '{resolved}'"
+        if backing_fmt is None:
+            backing_fmt = registry.image_driver(resolved, None, backing_where).driver
+        if size is None:
+            size = registry.virtual_size(resolved, backing_fmt, backing_where)
         if not backing_fmt or len(backing_fmt.encode()) > 64:
             # any driver name is stored: fusedisk opens an overlay's backing from the spec;
             # from the header it follows qcow2 and raw only (as documented)
@@ -173,6 +189,7 @@ def create_qcow2(
         if data_file_raw:
             h.autoclear |= AUTOCLEAR_DATA_FILE_RAW
 
+    h.check_size(size, where)  # an L1 table QEMU would refuse, or too big to build
     # metadata layout: header, refcount table, refcount blocks, L1 table
     cs = cluster_size
     h.l1_size = h.l1_entries_needed(size)
@@ -214,36 +231,28 @@ def create_qcow2(
     for c in range(total):
         _set_refcount(refblocks, c, 1, refcount_bits)
 
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_EXCL | os.O_NOFOLLOW
+    if data_file:
+        _prepare_data_file(path, data_file, size, where)
+    create_file(
+        path,
+        where,
+        chunks=((0, head), (cs, bytes(reftable)), (first_block * cs, bytes(refblocks))),
+        size=total * cs,
+        replace=overwrite,
+    )
+
+
+def _prepare_data_file(path: Path, data_file: str, size: int, where: str) -> None:
+    """An external data file may exist already (QEMU reuses it); it is grown to `size`."""
+    data_path = data_file if os.path.isabs(data_file) else str(path.parent / data_file)
     try:
-        if overwrite:
-            path.unlink(missing_ok=True)
-        if data_file:
-            data_path = data_file if os.path.isabs(data_file) else str(path.parent / data_file)
-            dflags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
-            dfd = os.open(data_path, dflags, 0o644)
-            try:
-                check_kind(os.fstat(dfd), data_path, where)
-                if os.fstat(dfd).st_size < size:
-                    os.ftruncate(dfd, size)
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        fd = os.open(path, flags, 0o644)
-    except FileExistsError:
-        raise OpenError(f"{where}: the file exists (remove it first)") from None
+        dfd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as e:
-        raise OpenError(f"{where}: {e.strerror}") from None
+        raise OpenError(f"{where}: data file '{data_path}': {e.strerror}") from None
     try:
-        os.pwrite(fd, head, 0)
-        os.pwrite(fd, bytes(reftable), cs)
-        os.pwrite(fd, bytes(refblocks), first_block * cs)
-        os.ftruncate(fd, total * cs)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
+        check_kind(os.fstat(dfd), data_path, where)
+        if os.fstat(dfd).st_size < size:
+            os.ftruncate(dfd, size)
         os.fsync(dfd)
     finally:
         os.close(dfd)

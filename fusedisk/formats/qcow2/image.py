@@ -732,6 +732,7 @@ class Qcow2Image:
         if size == self.size:
             return
         h, m, cs = self.h, self.map, self.cs
+        h.check_size(size, f"node '{self.name}'")  # before a table of that size is built
         async with self._meta_lock:
             await self.writeback()
             need = h.l1_entries_needed(size)

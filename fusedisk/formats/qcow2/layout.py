@@ -15,7 +15,7 @@ import itertools
 import struct
 from dataclasses import dataclass, field
 
-from fusedisk.errors import CorruptImage, NotSupported
+from fusedisk.errors import CorruptImage, NotSupported, TooLarge
 
 MAGIC = b"QFI\xfb"
 
@@ -144,6 +144,22 @@ class Header:
     def l1_entries_needed(self, size: int) -> int:
         clusters = -(-size // self.cluster_size)
         return -(-clusters // self.l2_entries)
+
+    @property
+    def max_size(self) -> int:
+        """The largest virtual size whose L1 table stays within MAX_L1_BYTES (QEMU's cap:
+        2 PiB with 64 KiB clusters, 1 PiB with extended L2 entries)."""
+        return (MAX_L1_BYTES // 8) * self.l2_entries * self.cluster_size
+
+    def check_size(self, size: int, where: str) -> None:
+        """Refuse a virtual size beyond `max_size`, before any table is built for it."""
+        if size > self.max_size:
+            raise TooLarge(
+                f"{where}: a virtual size of {size} bytes is too large for qcow2 with "
+                f"{self.cluster_size}-byte clusters: its L1 table would pass QEMU's limit of "
+                f"{MAX_L1_BYTES >> 20} MiB (at most {self.max_size} bytes; a larger "
+                "cluster_size allows more)"
+            )
 
 
 def _ext_string(data: bytes, what: str, path: str) -> str:

@@ -18,14 +18,17 @@ from typing import Any
 import trio
 
 from fusedisk.errors import CorruptImage, NotSupported, OpenError
-from fusedisk.formats.qcow2.create import create_qcow2
+from fusedisk.formats.qcow2.create import CREATE_OPTIONS, create_qcow2, create_with_options
+from fusedisk.formats.qcow2.describe import describe
 from fusedisk.formats.qcow2.image import Qcow2Image
 from fusedisk.formats.qcow2.layout import MAGIC
+from fusedisk.graph import registry
+from fusedisk.graph.driver_slots import PROBE_CERTAIN
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSlot, GraphOp, Node, Role
 from fusedisk.graph.options import Option, option_table
-from fusedisk.hostio.files import header_file_path, read_head
+from fusedisk.hostio.files import header_file_path
 
 log = logging.getLogger("fusedisk")
 
@@ -201,7 +204,7 @@ class Qcow2Node(Node):
             raise CorruptImage(f"{self.where}: the backing chain is deeper than {_MAX_CHAIN}")
         fmt = h.backing_format
         if fmt is None:
-            fmt = "qcow2" if read_head(path, len(MAGIC), where) == MAGIC else "raw"
+            fmt = registry.image_driver(path, None, where).driver
         if fmt == "qcow2":
             node = await self.context.open_implicit(
                 self, "backing", "qcow2",
@@ -247,6 +250,30 @@ class Qcow2Node(Node):
         file writable again at run time (the base of a commit).  Repairs a dirty image
         and marks a v3 image dirty, as a read-write open does."""
         await self.image.resume_writing()
+
+    # -- image slots (graph/driver_slots.py) ----------------------------------------------
+
+    create_options = CREATE_OPTIONS
+    creates_overlays_of_backing = True
+
+    @classmethod
+    def probe(cls, head: bytes) -> int:
+        return PROBE_CERTAIN if head[:4] == MAGIC else 0
+
+    @classmethod
+    def create(
+        cls,
+        target: str,
+        size: int | None,
+        options: dict[str, Any],
+        backing: str | None = None,
+        backing_format: str | None = None,
+    ) -> None:
+        create_with_options(target, size, options, backing, backing_format)
+
+    @classmethod
+    def info(cls, target: str) -> dict[str, Any]:
+        return describe(target)
 
     @classmethod
     def create_overlay(cls, path: Path, size: int, backing: str, backing_format: str) -> None:

@@ -29,9 +29,13 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from fusedisk.errors import CorruptImage, IOFailure
+from fusedisk.errors import CorruptImage, IOFailure, TooLarge
 from fusedisk.formats.qcow2.cache import TableCache
-from fusedisk.formats.qcow2.layout import OFF_REFTABLE_OFFSET, REFTABLE_OFFSET_MASK
+from fusedisk.formats.qcow2.layout import (
+    MAX_REFTABLE_BYTES,
+    OFF_REFTABLE_OFFSET,
+    REFTABLE_OFFSET_MASK,
+)
 
 
 def decode_refblock(data: bytes, order: int) -> np.ndarray:
@@ -275,9 +279,16 @@ class Refcounts:
         """
         per_cluster = self.cs // 8
         old_len = len(self.table)
+        if (rt_needed + 1) * 8 > MAX_REFTABLE_BYTES:
+            raise TooLarge(
+                f"{self.where}: the image file would need a refcount table larger than "
+                f"QEMU's limit of {MAX_REFTABLE_BYTES >> 20} MiB; it cannot grow further"
+            )
         new_len = max(rt_needed + 1, old_len * 2)
         new_len = -(-new_len // per_cluster) * per_cluster
-        clusters = new_len // per_cluster
+        new_len = max(rt_needed + 1, min(new_len, MAX_REFTABLE_BYTES // 8))
+        clusters = -(-new_len // per_cluster)
+        new_len = clusters * per_cluster
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table = np.concatenate([self.table, np.zeros(new_len - old_len, dtype=np.uint64)])
         self._growing = True

@@ -6,11 +6,16 @@ disk inside a larger container), as QEMU's raw driver does.
 
 from __future__ import annotations
 
-from fusedisk.errors import NotSupported, OpenError
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from fusedisk.errors import NotSupported, OpenError, SpecError
+from fusedisk.graph.driver_slots import PROBE_FALLBACK
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent
 from fusedisk.graph.node import ChildSlot, GraphOp, Node, Role
 from fusedisk.graph.options import Option, option_table
+from fusedisk.hostio.files import create_file, image_size
 
 
 class RawNode(Node):
@@ -23,6 +28,31 @@ class RawNode(Node):
     child_slots = (ChildSlot("file", Role.FILE),)
     graph_op = GraphOp.TARGET
     accepts_filename = True
+
+    # -- image slots (graph/driver_slots.py) --------------------------------------------
+
+    create_options: ClassVar[Mapping[str, Option] | None] = {}
+
+    @classmethod
+    def probe(cls, head: bytes) -> int:
+        return PROBE_FALLBACK  # any bytes are a raw image; every format outbids it
+
+    @classmethod
+    def create(
+        cls,
+        target: str,
+        size: int | None,
+        options: dict[str, Any],
+        backing: str | None = None,
+        backing_format: str | None = None,
+    ) -> None:
+        if size is None:
+            raise SpecError("a raw image needs a size")
+        create_file(target, f"cannot create '{target}'", size=size)
+
+    @classmethod
+    def info(cls, target: str) -> dict[str, Any]:
+        return {"virtual-size": image_size(target, f"image '{target}'")}
 
     @property
     def file(self) -> Edge:

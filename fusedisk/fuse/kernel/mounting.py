@@ -92,7 +92,8 @@ def _unescape(field: str) -> str:
 
 
 def mounted_device(mountpoint: Path) -> str | None:
-    """'major:minor' of the newest mount at `mountpoint`, from mountinfo (no stat)."""
+    """'major:minor' of the newest mount at `mountpoint`, from mountinfo (no stat);
+    `mountpoint` must be `canonical` (mountinfo holds resolved paths)."""
     target = str(Path(mountpoint).absolute())
     found = None
     with open("/proc/self/mountinfo") as f:
@@ -108,14 +109,31 @@ def access_options(allow_other: bool) -> list[str]:
     return ["default_permissions", *(["allow_other"] if allow_other else [])]
 
 
+def escape_option(value: str) -> str:
+    """A value inside a comma-separated -o list, as fusermount3 and libfuse read one:
+    a comma is escaped with a backslash, and so is a backslash.  A spec named
+    `x,ro` must not mount read-only, nor `y,allow_other` open the mount to everyone."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def mount_options(fsname: str, subtype: str, allow_other: bool) -> list[str]:
     """The -o options of a helper (fusermount3, libfuse): names, then access."""
-    return [f"fsname={fsname}", f"subtype={subtype}", *access_options(allow_other)]
+    return [
+        f"fsname={escape_option(fsname)}",
+        f"subtype={escape_option(subtype)}",
+        *access_options(allow_other),
+    ]
+
+
+def canonical(mountpoint: Path) -> Path:
+    """The path mountinfo will show: symlinks and `..` resolved.  Call it before
+    mounting: resolving the root of a mount not yet serving would wait for it."""
+    return Path(os.path.realpath(mountpoint))
 
 
 def mount(mountpoint: Path, fsname: str, subtype: str, allow_other: bool) -> KernelMount:
     """Mount a FUSE file system at `mountpoint`; root uses mount(2), others fusermount3."""
-    mountpoint = Path(mountpoint).absolute()
+    mountpoint = canonical(mountpoint)
     if os.geteuid() == 0:
         return _mount_as_root(mountpoint, fsname, subtype, allow_other)
     return _mount_with_fusermount(mountpoint, fsname, subtype, allow_other)

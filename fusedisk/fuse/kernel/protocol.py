@@ -37,6 +37,7 @@ class Op(IntEnum):
     STATFS = 17
     RELEASE = 18
     FSYNC = 20
+    GETXATTR = 22  # not served (ENOSYS): named for the O_TRUNC bookkeeping of the session
     FLUSH = 25
     INIT = 26
     OPENDIR = 27
@@ -68,6 +69,8 @@ FATTR_MODE = 1 << 0
 FATTR_UID = 1 << 1
 FATTR_GID = 1 << 2
 FATTR_SIZE = 1 << 3
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
@@ -106,16 +109,17 @@ class RequestError(FuseDiskError):
 
 
 def parse_header(buf: memoryview, n: int) -> tuple[int, int, int, int, int]:
-    """(opcode, unique, nodeid, uid, body_offset) of one request of `n` bytes."""
+    """(opcode, unique, nodeid, pid, body_offset) of one request of `n` bytes; pid is
+    the calling thread's."""
     if n < IN_HEADER.size:
         raise RequestError(f"short request: {n} bytes")
-    length, opcode, unique, nodeid, uid, _gid, _pid, extlen, _ = IN_HEADER.unpack_from(buf)
+    length, opcode, unique, nodeid, _uid, _gid, pid, extlen, _ = IN_HEADER.unpack_from(buf)
     if length != n:
         raise RequestError(f"request length {length} but {n} bytes read")
     body = IN_HEADER.size
     if body + extlen * 8 > n:
         raise RequestError(f"extensions of {extlen * 8} bytes past the request's end")
-    return opcode, unique, nodeid, uid, body
+    return opcode, unique, nodeid, pid, body
 
 
 def unpack(fmt: struct.Struct, buf: memoryview, offset: int, end: int) -> tuple:

@@ -40,11 +40,16 @@ BATCH = 64
 #: how long requests in flight may finish after the session was told to stop
 STOP_GRACE = 10.0
 
-#: ATOMIC_O_TRUNC: O_TRUNC comes with OPEN (and is ignored there, as a block device
-#: does) instead of as a truncate to 0, which a disk would refuse
-WANTED_FLAGS = (
-    p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.MAX_PAGES
-)
+#: Not ATOMIC_O_TRUNC: with it the kernel sets the file's size to 0 after an O_TRUNC
+#: OPEN, and clips every reader's async direct I/O (and places appends) at that size
+#: until its next GETATTR.  Without it, O_TRUNC is a SETATTR to size 0 whose reply
+#: (the disk's real size) is the size the kernel keeps; see `_setattr`.
+WANTED_FLAGS = p.ASYNC_READ | p.BIG_WRITES | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.MAX_PAGES
+#: threads remembered between a disk's OPEN for writing and their next request
+MAX_OPENERS = 4096
+#: what the kernel may ask between an O_TRUNC OPEN and its SETATTR (the file's
+#: security.capability, before it drops privileges of a truncated file)
+BETWEEN_OPEN_AND_TRUNCATE = frozenset({p.Op.GETXATTR, p.Op.GETATTR})
 
 
 class ProtocolError(FuseDiskError):
@@ -61,6 +66,11 @@ class KernelSession:
         self.buffer = bytearray(MAX_WRITE + p.HEADROOM)
         self.requests = 0
         self._stop = trio.Event()
+        # O_TRUNC: thread id -> disk inode it just opened for writing; the request being
+        # dispatched: its thread, and whether it came straight after such an OPEN
+        self._openers: dict[int, int] = {}
+        self._pid = 0
+        self._after_open = False
         self._sync: dict[int, Callable[[memoryview, int, int, int], bytes]] = {
             p.Op.LOOKUP: self._lookup,
             p.Op.GETATTR: self._getattr,
@@ -154,10 +164,14 @@ class KernelSession:
 
     def _dispatch(self, view: memoryview, n: int, requests: trio.Nursery) -> None:
         try:
-            opcode, unique, nodeid, _uid, body = p.parse_header(view, n)
+            opcode, unique, nodeid, pid, body = p.parse_header(view, n)
         except p.RequestError as e:
             log.error("malformed FUSE request ignored: %s", e)
             return
+        self._pid = pid
+        self._after_open = False
+        if self._openers and opcode not in BETWEEN_OPEN_AND_TRUNCATE:
+            self._after_open = self._openers.pop(pid, None) == nodeid
         handler = self._sync.get(opcode)
         if handler is not None:
             try:
@@ -239,13 +253,17 @@ class KernelSession:
         return self._attr_out(self.fs.getattr(nodeid))
 
     def _setattr(self, view: memoryview, body: int, end: int, nodeid: int) -> Awaitable[bytes]:
+        """truncate, chmod, chown; and O_TRUNC, which the kernel sends as a SETATTR to
+        size 0 by path (no file handle) from the thread that has just opened the file."""
         fields = p.unpack(p.SETATTR_IN, view, body, end)
         valid, size = fields[0], fields[3]
         owner_or_mode = bool(valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID))
         new_size = size if valid & p.FATTR_SIZE else None
+        o_trunc = self._after_open and new_size == 0 and not valid & p.FATTR_FH
 
         async def run() -> bytes:
-            return self._attr_out(await self.fs.setattr(nodeid, new_size, owner_or_mode))
+            a = await self.fs.setattr(nodeid, new_size, owner_or_mode, o_trunc=o_trunc)
+            return self._attr_out(a)
 
         return run()
 
@@ -290,6 +308,10 @@ class KernelSession:
         open_flags = p.FOPEN_DIRECT_IO
         if opened.is_disk:
             open_flags |= p.FOPEN_PARALLEL_DIRECT_WRITES
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                if len(self._openers) >= MAX_OPENERS:
+                    self._openers.clear()  # threads that opened and went quiet
+                self._openers[self._pid] = nodeid
         return p.OPEN_OUT.pack(opened.fh, open_flags, 0)
 
     def _release(self, view: memoryview, body: int, end: int, nodeid: int) -> bytes:

@@ -15,13 +15,15 @@ import signal
 import sys
 from pathlib import Path
 
-from fusedisk.fuse.kernel.mounting import MNT_DETACH, _libc, mounted_device
+from fusedisk.fuse.kernel.mounting import MNT_DETACH, _libc, canonical, mounted_device
 
 
 def main(argv: list[str]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    mountpoint, device = Path(argv[0]), argv[1]
+    # The daemon passes the canonical path; resolving again costs nothing (a dead
+    # mount's root answers ENOTCONN at once, which realpath tolerates).
+    mountpoint, device = canonical(Path(argv[0])), argv[1]
     said = b""
     while chunk := os.read(0, 64):
         said += chunk
