@@ -47,6 +47,7 @@ into whatever file next gets that descriptor number.
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import errno
 import os
@@ -66,6 +67,10 @@ DEFAULT_MAX_BYTES = 16 << 20
 #: writes touch (a dict lookup per chunk, then an exact check of the few writes there),
 #: not by scanning a queue that may hold thousands of writes
 CHUNK_BITS = 16
+
+#: writes done before the writer thread wakes the loop for those waiting on them,
+#: unless the queue empties first (a wake-up per write cost ~30 % of NBD write IOPS)
+WAKE_EVERY = 8
 
 #: set to True in a task whose writes must be in the file (page cache) when they
 #: return, not just queued: its caller's reply promises the data outlives the daemon
@@ -288,10 +293,15 @@ class WriteBehind:
     # -- the writer thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        owed = False  # writers are due a wake-up not yet sent
+        woken_at = 0
         try:
             while True:
                 w = self._queue.get()
                 if w is None:
+                    if owed:
+                        with contextlib.suppress(trio.RunFinishedError):
+                            self._token.run_sync_soon(self._wake)
                     return
                 if self._failure is None:
                     try:
@@ -310,10 +320,15 @@ class WriteBehind:
                         self._lost.append((w.offset, w.offset + len(w.data)))
                     self._done = w.seq
                     wake = any(seq <= w.seq for seq, _ in self._waiters)
-                if wake:
+                # one wake-up of the loop for a run of writes, not one per write: sent
+                # when the queue is empty (the next get would block) or every WAKE_EVERY
+                if wake and (self._queue.empty() or w.seq - woken_at >= WAKE_EVERY):
+                    owed, woken_at = False, w.seq
                     try:
                         self._token.run_sync_soon(self._wake)
                     except trio.RunFinishedError:
                         return
+                elif wake:
+                    owed = True
         finally:
             os.close(self._fd)
