@@ -30,6 +30,7 @@ class Budget:
         self.used = 0
         self.peak = 0
         self._freed = trio.Event()
+        self._waiting = 0  # tasks in `take`: without any, giving back wakes nobody
 
     def cost(self, nbytes: int) -> int:
         """What `nbytes` take from this budget (never more than all of it)."""
@@ -38,15 +39,20 @@ class Budget:
     async def take(self, nbytes: int) -> None:
         """Wait until `nbytes` (a `cost`) fit, then hold them."""
         while self.used + nbytes > self.limit:
-            await self._freed.wait()
+            self._waiting += 1
+            try:
+                await self._freed.wait()
+            finally:
+                self._waiting -= 1
         self.used += nbytes
         self.peak = max(self.peak, self.used)
 
     def give(self, nbytes: int) -> None:
         if nbytes:
             self.used -= nbytes
-            freed, self._freed = self._freed, trio.Event()
-            freed.set()
+            if self._waiting:
+                freed, self._freed = self._freed, trio.Event()
+                freed.set()
 
 
 class Hold:

@@ -51,6 +51,7 @@ class Connection:
         self._wake: trio.Event | None = None  # set when the writer task is running
         self._closing = False
         self._writer_ran = False
+        self._sending_since: float | None = None  # when the send under way started
 
     async def receive_exactly(self, n: int) -> bytes:
         buf = self._buf
@@ -106,26 +107,38 @@ class Connection:
             for part in parts:
                 view = memoryview(part)
                 for at in range(0, len(view), STALL_PIECE):
-                    with trio.move_on_after(STALL_TIMEOUT):
-                        await self.stream.send_all(view[at : at + STALL_PIECE])
-                        continue
-                    await self._stalled()
-                    return
+                    # watched by _watch_stalls: a cancel scope per send cost ~5 % of the
+                    # CPU of a 4 KiB request
+                    self._sending_since = trio.current_time()
+                    await self.stream.send_all(view[at : at + STALL_PIECE])
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.broken = True
+        finally:
+            self._sending_since = None
 
-    async def _stalled(self) -> None:
-        """The client has taken no reply bytes for STALL_TIMEOUT: hang up, so the bytes
-        its replies hold go back to the budgets and the reader stops waiting for it."""
-        log.warning("nbd %s: the client has read no reply for %g s; disconnecting",
-                    self.peer, STALL_TIMEOUT)  # fmt: skip
-        self.broken = True
-        await trio.aclose_forcefully(self.stream)
+    async def _watch_stalls(self) -> None:
+        """Hang up on a client that has taken no piece of its replies for STALL_TIMEOUT,
+        so the bytes its replies hold go back to the budgets and the reader stops
+        waiting for it (the blocked send then fails, and the connection is broken)."""
+        while not self.broken:
+            await trio.sleep(STALL_TIMEOUT / 4)
+            since = self._sending_since
+            if since is not None and trio.current_time() - since >= STALL_TIMEOUT:
+                log.warning("nbd %s: the client has read no reply for %g s; disconnecting",
+                            self.peer, STALL_TIMEOUT)  # fmt: skip
+                self.broken = True
+                await trio.aclose_forcefully(self.stream)
 
     async def writer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Send queued replies until `finish_writing` (run in the connection's nursery)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_stalls)
+            await self._write_queued(task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _write_queued(self, task_status: trio.TaskStatus[None]) -> None:
         wake = self._wake = trio.Event()
         self._writer_ran = True
         task_status.started()
