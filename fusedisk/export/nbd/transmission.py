@@ -27,6 +27,7 @@ import struct
 import trio
 
 from fusedisk.errors import FuseDiskError, to_errno
+from fusedisk.export.nbd import meta
 from fusedisk.export.nbd import protocol as p
 from fusedisk.export.nbd.block_status import MAX_EXTENTS, walk
 from fusedisk.export.nbd.budget import CONNECTION_BYTES, Budget, Hold
@@ -268,10 +269,24 @@ class Transmission:
         return covered >= req.length
 
     async def _block_status(self, req: p.Request) -> None:
-        if not self.session.base_allocation:
-            raise RequestError(p.EINVAL, "block status needs the base:allocation context")
+        """One chunk per meta context the client set, sent together (export/nbd/meta.py)."""
+        session = self.session
+        if not session.base_allocation and not session.bitmaps:
+            raise RequestError(p.EINVAL, "block status needs a meta context (base:allocation "
+                               "or qemu:dirty-bitmap:NAME)")  # fmt: skip
         one = bool(req.flags & p.CMD_FLAG_REQ_ONE)
-        pairs = await walk(self.disk, req.offset, req.length, one, self.limits.walks)
-        if not pairs:
-            raise RequestError(p.EIO, "the disk reported no extents")
-        await self._send(req, p.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, pairs))
+        chunks = []
+        if session.base_allocation:
+            # walked in slices that yield, one at a time in the daemon (block_status.py)
+            pairs = await walk(self.disk, req.offset, req.length, one, self.limits.walks)
+            if not pairs:
+                raise RequestError(p.EIO, "the disk reported no extents")
+            chunks.append((BASE_ALLOCATION_ID, pairs))
+        for context_id, name in session.bitmaps.items():
+            dirty = meta.dirty_extents(self.disk, name, req.offset, req.length)
+            if dirty is None:
+                raise RequestError(p.EINVAL, f"bitmap '{name}' is gone")
+            chunks.append((context_id, dirty[:1] if one else dirty[:MAX_EXTENTS]))
+        last = len(chunks) - 1
+        await self._send(req, b"".join(p.block_status_chunk(req.cookie, cid, pairs, i == last)
+                                       for i, (cid, pairs) in enumerate(chunks)))  # fmt: skip
