@@ -8,7 +8,11 @@
 - compress.py   deflate and zstd compressed clusters
 - repair.py     recounting references of a dirty image
 - create.py     making new images (`fusedisk create`, snapshots)
-- node.py       the driver: requests, locking, crash-safe flush
+- image.py      Qcow2Image, the engine (no Node), built of core.py, opening.py,
+                flushing.py (crash-safe writeback), reading.py, writing.py (claims,
+                allocation), zeroing.py and growth.py
+- bitmaps.py    persistent dirty bitmaps
+- node.py       the driver: the node's glue around Qcow2Image
 """
 
 from fusedisk.formats.qcow2.node import Qcow2Node

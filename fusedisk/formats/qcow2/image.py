@@ -5,7 +5,7 @@ image file, the data file (the image file itself unless the header names an
 external one) and an optional backing file, which may come and go at run time.
 The node glue (children, options, header-named files, graph capabilities) is
 in node.py.  References: QEMU docs/interop/qcow2.txt.  The on-disk layout is
-in layout.py, the cluster mapping and L2 cache in mapping.py, refcounts and
+in layout.py (parsed in header.py), the cluster mapping and L2 cache in mapping.py, refcounts and
 allocation in refcount.py, the snapshot table in snapshots.py, compressed
 clusters in compress.py, the repair of a dirty image in repair.py.
 

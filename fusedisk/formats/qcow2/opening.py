@@ -1,6 +1,6 @@
 """Opening a qcow2 image: its header and tables, read and checked before any use.
 
-The header is parsed and checked in layout.py.  Here the L1 table, the
+The header is parsed and checked in header.py.  Here the L1 table, the
 refcount table and the snapshot table are read, checked against each other
 and against the file (no overlaps, nothing past the end, all aligned), the
 clusters they occupy recorded as metadata, and the cluster map and refcounts
