@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -36,6 +36,21 @@ CHUNK = 1 << 20  # bytes per step (guest requests run in between)
 SCAN = 64 << 20  # bytes of block status asked at once
 
 Range = tuple[int, int]  # (start, end)
+
+
+class CopyGate:
+    """A write hook (graph/edge.py) for a copy job: guest writes passing the hooked
+    edges take shared locks on their ranges, a copy chunk holds `lock` exclusively
+    (copy_chunks(lock=gate.lock)), so no guest write interleaves a chunk."""
+
+    def __init__(self) -> None:
+        self.lock = RangeLock()
+
+    async def enter(self, offset: int, length: int) -> Any:
+        return await self.lock.acquire(offset, offset + length, exclusive=False)
+
+    def leave(self, token: Any) -> None:
+        self.lock.release(token)
 
 
 class Progress(Protocol):
