@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fusedisk.filters.luks.luks2_header import check_copy  # noqa: E402
 from fusedisk.graph.options import parse_size  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 
@@ -117,14 +118,18 @@ KEY = "benchmark-passphrase"
 
 def make_image(path: Path, size: int, fmt: str) -> None:
     """A fully written image, so reads measure data, not holes."""
-    if fmt == "luks":
+    if fmt in ("luks", "luks2"):
         key = path.with_name("key")
         key.write_text(KEY)
         # fusedisk's own format (cryptsetup's layout): qemu-img's iter-time calibration
-        # fails now and then on busy VMs ("Unable to get accurate CPU usage")
+        # fails now and then on busy VMs ("Unable to get accurate CPU usage").  luks2:
+        # cryptsetup's defaults (4096-byte sectors), a cheap key slot.
+        cheap = ["--pbkdf2-iterations", "1000"]
+        if fmt == "luks2":
+            cheap = ["--version", "2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
         subprocess.run(
             [sys.executable, "-m", "fusedisk", "luks", "format", str(path), "--size", str(size),
-             "--key-file", str(key), "--pbkdf2-iterations", "1000"],
+             "--key-file", str(key), *cheap],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         # Fill the payload with noise (what ciphertext looks like), so neither a luks
@@ -179,10 +184,12 @@ def fusedisk_mount(
     cache = ", cache.direct = true" if direct else ""
     engine = f', aio = "{aio}"' if aio else ""  # default: io_uring where available
     child = f'file = {{ driver = "file", filename = "{image}"{cache}{engine} }}'
-    if fmt == "luks":
+    driver = fmt
+    if fmt in ("luks", "luks2"):
         child += f'\nkey-file = "{work / "key"}"'
+        driver = "luks"  # the version comes from the header
     with mounted_spec(
-        work, f'[nodes.d0]\ndriver = "{fmt}"\n{child}\n[disks.vm0]\nnode = "d0"\n', args
+        work, f'[nodes.d0]\ndriver = "{driver}"\n{child}\n[disks.vm0]\nnode = "d0"\n', args
     ) as path:
         yield path
 
@@ -205,10 +212,14 @@ def fusedisk_direct_threads(image: Path, fmt: str, work: Path) -> AbstractContex
 
 def fusedisk_unencrypted(image: Path, fmt: str, work: Path) -> AbstractContextManager[Path]:
     """The payload of the same image file through a `raw` node: a `luks` disk without
-    its cipher.  LUKS1 keeps the payload offset, in sectors, at byte 104 (big endian)."""
+    its cipher.  LUKS1 keeps the payload offset, in sectors, at byte 104 (big endian);
+    LUKS2 in its JSON's data segment."""
     with open(image, "rb") as f:
-        head = f.read(108)
+        head = f.read(16 << 10)
     offset = int.from_bytes(head[104:108], "big") * 512 if head[:4] == b"LUKS" else 0
+    if head[:8] == b"LUKS\xba\xbe\x00\x02":
+        meta = json.loads(check_copy(head, 0, "primary").json_text)
+        offset = int(next(iter(meta["segments"].values()))["offset"])
     child = f'file = {{ driver = "file", filename = "{image}" }}'
     return mounted_spec(
         work, f'[nodes.d0]\ndriver = "raw"\n{child}\noffset = {offset}\n[disks.vm0]\nnode = "d0"\n'
@@ -312,7 +323,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="512M")
     parser.add_argument("--runtime", type=int, default=5, help="seconds per job")
-    parser.add_argument("--format", default="raw", help="image format: raw, qcow2 or luks")
+    parser.add_argument(
+        "--format", default="raw", help="image format: raw, qcow2, luks or luks2 (fusedisk only)"
+    )
     parser.add_argument(
         "--fresh", action="store_true", help="qcow2: start from an empty image (allocating writes)"
     )

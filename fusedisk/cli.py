@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for info in sorted(pkgutil.iter_modules(fusedisk.commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):  # a command's helper module, not a command
+            continue
         module = importlib.import_module(f"fusedisk.commands.{info.name}")
         module.register(sub)
     return parser

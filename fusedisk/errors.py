@@ -78,3 +78,16 @@ def to_errno(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return _errno.EIO
+
+
+def describe(exc: BaseException) -> str:
+    """`exc` as the end of a sentence: an OSError without its `[Errno N]` prefix
+    (`'/images/d0.s1.qcow2': File name too long`), anything else as it reads."""
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename is None:
+            return exc.strerror
+        where = f"'{exc.filename}'"
+        if exc.filename2 is not None:  # rename, link: both files
+            where += f" -> '{exc.filename2}'"
+        return f"{where}: {exc.strerror}"
+    return str(exc)

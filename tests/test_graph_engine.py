@@ -12,11 +12,13 @@ import pytest
 import trio
 
 from fusedisk.errors import ControlError, SpecError
-from fusedisk.graph.changes import state_path
+from fusedisk.graph.changes import Change, state_path
+from fusedisk.graph.children import ReplaceChange
 from fusedisk.graph.commit import start_commit
 from fusedisk.graph.graph import Graph
-from fusedisk.graph.jobs import Busy, Job
+from fusedisk.graph.jobs import Busy, Job, JobError
 from fusedisk.graph.snapshot import take_snapshot
+from fusedisk.graph.stream import StreamChange
 from fusedisk.graph.transaction import Step, Transaction
 from fusedisk.spec import parse_spec
 from tests.conftest import needs, run
@@ -92,7 +94,7 @@ async def test_a_transaction_whose_record_fails_is_undone(tmp_path: Path):
         disk = graph.disks["vm0"]
         done: list[str] = []
 
-        def fail(record: dict) -> None:
+        def fail(record: Change) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         graph.commit_record = fail  # type: ignore[method-assign]
@@ -102,7 +104,7 @@ async def test_a_transaction_whose_record_fails_is_undone(tmp_path: Path):
             Step(lambda: done.append("b"), lambda: done.append("undo b")),
         ]
         with pytest.raises(OSError):
-            await txn.apply(steps, {"op": "test"})
+            await txn.apply(steps, StreamChange("vm0", "d0"))
         assert done == ["a", "b", "undo b", "undo a"]
         assert not txn.committed
         assert disk.drains == 1  # the steps ran drained, and the gate is open again
@@ -119,12 +121,13 @@ async def test_a_snapshot_whose_record_fails_leaves_the_graph_and_files_as_they_
         disk = graph.disks["vm0"]
         real = graph.commit_record
 
-        def fail(record: dict) -> None:
+        def fail(record: Change) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
         graph.commit_record = fail  # type: ignore[method-assign]
-        with pytest.raises(OSError):
-            await take_snapshot(graph, disk, disk.root, "s1")
+        with pytest.raises(JobError, match="snapshot failed: Input/output error") as err:
+            await take_snapshot(graph, disk, disk.root, "s1")  # one sentence, the host's errno
+        assert err.value.errno == errno.EIO
         assert disk.top.name == "d0" and not disk.top.read_only
         assert "d0.s1" not in graph.nodes and not (tmp_path / "d0.s1.qcow2").exists()
         await disk.write(0, b"y" * 512)
@@ -141,7 +144,7 @@ async def test_a_record_the_next_mount_would_refuse_is_never_written(tmp_path: P
         disk = graph.disks["vm0"]
         await take_snapshot(graph, disk, disk.root, "s1")
         before = state_path(graph.spec.path).read_text()
-        bad = {"op": "replace", "parent": "q", "old": "spare0", "new": "d0"}
+        bad = ReplaceChange("q", "spare0", "d0", "")
         with pytest.raises(SpecError, match="recorded replacement of node 'spare0'"):
             graph.commit_record(bad)
         assert state_path(graph.spec.path).read_text() == before

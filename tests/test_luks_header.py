@@ -94,7 +94,7 @@ SLOT0 = 208  # the first key slot descriptor
     ("change", "error", "message"),
     [
         ({"magic": (0, b"LUKX")}, CorruptImage, "no LUKS header"),
-        ({"version": (6, b"\0\2")}, OpenError, "LUKS2 is not supported; use a LUKS1 header"),
+        ({"version": (6, b"\0\2")}, OpenError, "a LUKS2 header is read by luks2_volume"),
         ({"version": (6, b"\0\7")}, CorruptImage, "unknown version 7"),
         ({"cipher": (8, b"x" * 32)}, CorruptImage, "field 'cipher-name' is not terminated"),
         ({"cipher": (8, b"twofish\0")}, OpenError, "only AES"),

@@ -290,12 +290,14 @@ async def test_format_refuses_a_child_holding_data(tmp_path, blank):
     )
 
 
-async def test_luks2_header_is_named(tmp_path, blank):
+async def test_a_bare_luks2_magic_is_a_damaged_luks2_header(tmp_path, blank):
+    """Before LUKS2 support: "LUKS2 is not supported"; now both copies are looked at."""
     with open(blank, "r+b") as f:
         f.write(b"LUKS\xba\xbe\x00\x02" + bytes(4088))
     await expect_refusal(
-        tmp_path, blank, luks_spec(format="true"), OpenError, "LUKS2 is not supported"
-    )
+        tmp_path, blank, luks_spec(format="true"), CorruptImage,
+        "damaged LUKS2 header: both copies are unusable",
+    )  # fmt: skip
 
 
 async def test_damaged_header_is_named(tmp_path, blank):

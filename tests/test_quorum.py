@@ -20,6 +20,7 @@ from fusedisk.errors import ControlError, IOFailure, OpenError
 from fusedisk.filters.quorum.node import QuorumNode
 from fusedisk.filters.quorum.vote import VOTE_BLOCK, vote
 from fusedisk.fuse.tree import ControlTree, DirEntry, FileEntry, LinkEntry
+from fusedisk.graph.changes import Change
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Status
@@ -87,11 +88,11 @@ class JobHost:
         self.disks = {"vm0": self.disk}
         self.jobs = Jobs(self)
         self.spares = spares
-        self.changes: list[dict[str, Any]] = []
+        self.changes: list[dict[str, Any]] = []  # the records, as JSON
         self.controls = ControlTree(self).child_jobs(self.disk, q)  # type: ignore[arg-type]
 
-    def commit_record(self, record: dict[str, Any]) -> None:
-        self.changes.append(record)
+    def commit_record(self, record: Change) -> None:
+        self.changes.append(record.to_json())
 
     def disks_of(self, nodes: list[Node]) -> list[Disk]:
         return [self.disk]
@@ -609,7 +610,7 @@ async def test_a_replace_whose_record_fails_puts_the_failed_child_back_as_failed
     assert child(q, 0)["state"] == "failed"
     host = HOSTS[id(q)]
 
-    def full_disk(record: dict[str, Any]) -> None:
+    def full_disk(record: Change) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     host.commit_record = full_disk  # type: ignore[method-assign]

@@ -137,11 +137,11 @@ def test_several_snapshots_then_commit_down_to_the_base(tmp_path, images, write_
         write_at(disk, i * 4 * MiB, bytes([0x10 + i]) * (6 * MiB))  # overlapping layers
         control(m, "snapshot", name)
     write_at(disk, 20 * MiB, b"top" * 100000)
-    assert os.readlink(m.path("vm0", "root")) == "nodes/d0.s1.s2.s3"
+    assert os.readlink(m.path("vm0", "root")) == "nodes/d0.s3"
     content = read_all(disk)
     control(m, "commit", "s1")  # every layer down to the bases of s1
     state = wait_job(m)
-    assert state["layers"] == [["d0.s1.s2.s3", "d0.s1.s2", "d0.s1"]]
+    assert state["layers"] == [["d0.s3", "d0.s2", "d0.s1"]]
     assert os.readlink(m.path("vm0", "root")) == "nodes/d0"
     assert sorted(os.listdir(m.path("vm0", "nodes"))) == ["d0", "d0.file"]
     assert sorted(p.name for p in images.iterdir()) == ["d0.qcow2"]
@@ -172,7 +172,7 @@ def test_commit_and_revert_on_the_seed_tree_act_below_the_quorum(tmp_path, write
     expect = b"A" * MiB + b"B" * (2 * MiB)
     assert read_all(disk)[: 3 * MiB] == expect
     nodes = m.path("vm0", "nodes")
-    assert os.readlink(nodes / "q" / "children" / "children.1") == "../../d1.s1.s2"
+    assert os.readlink(nodes / "q" / "children" / "children.1") == "../../d1.s2"
     control(m, "commit", "s1")
     wait_job(m)
     for i in range(3):
@@ -211,16 +211,16 @@ def test_stream_makes_the_overlay_standalone(tmp_path, images, write_spec, mount
         writer.stop.set()
         writer.join()
     content = bytes(writer_model)
-    assert state["kind"] == "stream" and state["target"] == "d0.s1.s2"
+    assert state["kind"] == "stream" and state["target"] == "d0.s2"
     nodes = m.path("vm0", "nodes")
-    assert os.readlink(m.path("vm0", "root")) == "nodes/d0.s1.s2"
-    assert sorted(os.listdir(nodes / "d0.s1.s2" / "children")) == ["file"]
-    assert sorted(os.listdir(nodes)) == ["d0.s1.s2", "d0.s1.s2.file"]
+    assert os.readlink(m.path("vm0", "root")) == "nodes/d0.s2"
+    assert sorted(os.listdir(nodes / "d0.s2" / "children")) == ["file"]
+    assert sorted(os.listdir(nodes)) == ["d0.s2", "d0.s2.file"]
     assert m.path("vm0", "snapshot").read_text() == ""  # no point to go back to any more
     assert read_all(disk) == content
     (tmp_path / "content.raw").write_bytes(content)
     m.stop()
-    overlay = str(images / "d0.s1.s2.qcow2")
+    overlay = str(images / "d0.s2.qcow2")
     info = json.loads(qemu_img("info", "--output=json", overlay))
     assert "backing-filename" not in info and "full-backing-filename" not in info
     qemu_img("check", overlay)
@@ -253,15 +253,15 @@ def test_revert_throws_away_what_was_written_since_the_snapshot(
     assert data[12 * MiB : 13 * MiB] == bytes(MiB)  # since s2: gone
     assert data[:4096] == b"N" * 4096 and data[8 * MiB : 9 * MiB] == b"N" * MiB
     assert data[4096:300000] == (b"old" * 100000)[4096:]  # older data intact
-    assert os.readlink(m.path("vm0", "root")) == "nodes/d0.s1.s2"
+    assert os.readlink(m.path("vm0", "root")) == "nodes/d0.s2"
     write_at(disk, 12 * MiB, b"R" * 4096)  # the fresh overlay takes writes
     content = read_all(disk)
     m.stop()
-    qemu_img("check", str(images / "d0.s1.s2.qcow2"))
+    qemu_img("check", str(images / "d0.s2.qcow2"))
     chain = json.loads(qemu_img("info", "--output=json", "--backing-chain",
-                                str(images / "d0.s1.s2.qcow2")))  # fmt: skip
+                                str(images / "d0.s2.qcow2")))  # fmt: skip
     assert [os.path.basename(c["filename"]) for c in chain] == [
-        "d0.s1.s2.qcow2", "d0.s1.qcow2", "d0.qcow2"]  # fmt: skip
+        "d0.s2.qcow2", "d0.s1.qcow2", "d0.qcow2"]  # fmt: skip
     m2 = mount(spec, name="mnt2")
     assert read_all(m2.path("vm0.img")) == content
     m2.crash()

@@ -11,11 +11,13 @@ failed or was cancelled, 0 otherwise.  Reads only the file; it never writes it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from fusedisk.errors import FuseDiskError
+from fusedisk.service.mounts import fusedisk_mount_of
 from fusedisk.service.reader import JobProgress, job_line, read_json
 
 
@@ -36,14 +38,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+#: the node control files shaped like a job (a quorum's)
+NODE_JOB_FILES = ("scrub", "replace")
+
+
 def job_file(path: Path) -> Path:
-    if path.is_dir() and (path / "job").is_file():
+    """The job file PATH names; anything but a disk's folder, its job file or a
+    node's job-like file of a live fusedisk mount is refused (service/mounts.py)."""
+    mountpoint = fusedisk_mount_of(path)
+    parts = Path(os.path.realpath(path)).relative_to(mountpoint).parts
+    if len(parts) == 1 and (path / "job").is_file():
         return path / "job"
-    if path.is_file():
+    if len(parts) == 2 and parts[1] == "job" and path.is_file():
+        return path
+    if len(parts) == 4 and parts[1] == "nodes" and parts[3] in NODE_JOB_FILES and path.is_file():
         return path
     raise FuseDiskError(
-        f"'{path}' is neither a disk's folder in a fusedisk mount (with a job file) "
-        "nor a job control file"
+        f"'{path}' is not a disk of the fusedisk mount at '{mountpoint}' (give "
+        "MOUNTPOINT/DISK) nor a node's scrub or replace file"
     )
 
 

@@ -1,4 +1,7 @@
-"""`fusedisk luks format|add-key|remove-key|dump`: manage the LUKS1 header of an image.
+"""`fusedisk luks format|add-key|remove-key|dump`: manage the LUKS header of an image.
+
+LUKS1 here; LUKS2 (`format --version 2`, or an image whose header is LUKS2)
+in _luks_v2.py, which shares the target and key handling.
 
 The target is an image file (`fusedisk luks dump disk.img`) or the child of a
 `luks` node of a spec (`--spec vm.toml --node crypt`), reached through the
@@ -61,18 +64,45 @@ def _add_pbkdf(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_luks2_kdf(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LUKS2 key slots")
+    g.add_argument(
+        "--pbkdf",
+        choices=("argon2id", "argon2i", "pbkdf2"),
+        default="argon2id",
+        help="key derivation of the new LUKS2 key slot (default argon2id, as cryptsetup)",
+    )
+    g.add_argument(
+        "--pbkdf-memory",
+        type=int,
+        default=1 << 20,
+        metavar="KIB",
+        help="Argon2 memory in KiB (default 1048576, at most half the RAM and 4 GiB)",
+    )
+    g.add_argument("--pbkdf-parallel", type=int, default=0, metavar="N", help="Argon2 lanes (1-4)")
+    g.add_argument(
+        "--pbkdf-force-iterations",
+        type=int,
+        metavar="N",
+        help="force the Argon2 passes (≥ 4) or PBKDF2 iterations (≥ 1000) instead of --iter-time",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "luks",
-        help="format a LUKS1 image, add or remove key slots, show its header",
-        description="Manage the LUKS1 header of an image file, or of the child of a luks node "
-        "of a spec (--spec, --node).  Keys are read from --key-file (raw bytes, like "
-        "cryptsetup --key-file), from an environment variable, or asked on the terminal.",
+        help="format a LUKS1 or LUKS2 image, add or remove key slots, show its header",
+        description="Manage the LUKS1 or LUKS2 header (the version read from it) of an image "
+        "file, or of the child of a luks node of a spec (--spec, --node).  Keys are read "
+        "from --key-file (raw bytes, like cryptsetup --key-file), from an environment "
+        "variable, or asked on the terminal.",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 
-    f = actions.add_parser("format", help="write a new LUKS1 header with one key slot")
+    f = actions.add_parser(
+        "format", help="write a new LUKS header (--version 1 or 2) with one key slot"
+    )
     _add_target(f)
     _add_key_source(f, "", "passphrase")
     _add_pbkdf(f)
@@ -90,6 +120,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="overwrite an existing LUKS header or data in the first MiB",
     )
+    f.add_argument(
+        "--version", type=int, choices=(1, 2), default=1, help="LUKS version (default 1)"
+    )
+    f.add_argument(
+        "--sector-size",
+        type=int,
+        choices=(512, 1024, 2048, 4096),
+        default=4096,
+        help="LUKS2 encryption sector size (default 4096)",
+    )
+    f.add_argument("--label", default="", help="LUKS2 label")
+    _add_luks2_kdf(f)
     f.set_defaults(func=run)
 
     a = actions.add_parser("add-key", help="add a passphrase in a free key slot")
@@ -98,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_key_source(a, "new-", "new passphrase")
     a.add_argument("--key-slot", type=int, metavar="N", help="use this slot (default: first free)")
     _add_pbkdf(a)
+    _add_luks2_kdf(a)
     a.set_defaults(func=run)
 
     r = actions.add_parser(
@@ -317,7 +360,20 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
+async def header_version(target: Target) -> int | None:
+    async def action(edge: Edge) -> int | None:
+        return lh.probe(await edge.read(0, min(edge.node.size, 8)))
+
+    return await _with_device(target, action)
+
+
 def run(args: argparse.Namespace) -> int:
+    from fusedisk.commands import _luks_v2 as luks_v2
+
+    if args.action == "format" and args.version == 2:
+        return luks_v2.format_v2(args)
+    if args.action != "format" and trio.run(header_version, _target(args, read_only=True)) == 2:
+        return luks_v2.ACTIONS[args.action](args)
     actions = {
         "format": _format,
         "add-key": _add_key,

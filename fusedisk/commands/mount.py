@@ -19,9 +19,10 @@ from pathlib import Path
 
 import trio
 
-from fusedisk.errors import FuseDiskError, SpecError
+from fusedisk.errors import FuseDiskError, SpecError, describe
 from fusedisk.export.nbd.address import parse_address
 from fusedisk.fuse.serve import TRANSPORTS, serve
+from fusedisk.service.mounts import refuse_dead
 from fusedisk.service.notify import Notifier
 from fusedisk.spec import Spec, load_spec
 
@@ -99,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
     if args.read_only:
         spec = _read_only(spec)
     mountpoint = Path(args.mountpoint)
-    if not mountpoint.is_dir():
+    refuse_dead(mountpoint)  # a dead mount there: say so and how to clear it
+    try:
+        is_dir = mountpoint.is_dir()
+    except OSError as e:
+        raise SpecError(f"mount point '{mountpoint}': {describe(e)}") from None
+    if not is_dir:
         raise SpecError(f"mount point '{mountpoint}' is not a directory")
     if args.nbd:
         parse_address(args.nbd)  # a bad address is refused before anything is mounted

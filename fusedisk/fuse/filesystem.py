@@ -20,7 +20,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from fusedisk.errors import FuseDiskError, OutOfRange, ReadOnly, to_errno
+from fusedisk.errors import FuseDiskError, OutOfRange, ReadOnly, describe, to_errno
 from fusedisk.fuse.tree import ControlTree, DirEntry, DiskEntry, Entry, FileEntry, LinkEntry
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.extents import Status
@@ -55,7 +55,7 @@ def log_failure(exc: BaseException, what: str) -> int:
     if isinstance(exc, FsError):
         return exc.errno
     if isinstance(exc, FuseDiskError | OSError):
-        log.error("%s: %s", what, exc)
+        log.error("%s: %s", what, describe(exc))
     else:
         log.exception("%s: unexpected error", what)
     return to_errno(exc)
@@ -192,7 +192,7 @@ class MountFilesystem:
     def _remember_refusal(self, what: str, e: Exception) -> None:
         """For `last-error`: a refused request's errno alone does not say why."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.tree.last_error = f"{stamp} {what}: {e}\n"
+        self.tree.last_error = f"{stamp} {what}: {describe(e)}\n"
 
     def readlink(self, ino: int) -> str:
         entry = self._entry(self.inodes.path(ino))

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fusedisk.graph.changes import live_snapshots, load_changes
+from fusedisk.graph.changes import load_changes
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.jobs import JobError
 from fusedisk.graph.node import Node, Role
+from fusedisk.graph.snapshot_record import SnapshotChange, live_snapshots
 from fusedisk.graph.transaction import Step
 
 if TYPE_CHECKING:
@@ -59,14 +60,14 @@ def own_subtree(node: Node) -> list[Node]:
     return out
 
 
-def snapshot_record(graph: Graph, disk: Disk, name: str, action: str) -> dict[str, Any]:
+def snapshot_record(graph: Graph, disk: Disk, name: str, action: str) -> SnapshotChange:
     snaps = live_snapshots(load_changes(graph.spec.path), disk.name)
     if not snaps:
         raise JobError(f"disk '{disk.name}': {action}: the disk has no snapshot")
     if not name:
         return snaps[-1]
     for record in snaps:
-        if record["name"] == name:
+        if record.name == name:
             return record
     raise JobError(f"disk '{disk.name}': {action}: there is no snapshot '{name}'")
 

@@ -10,6 +10,12 @@ a change that no longer fits the spec (a node renamed) refuses to mount.
 The change is recorded *before* the live graph is switched: a crash between the
 two leaves a record whose overlays are empty, which is exactly the state the
 switched graph would have had.
+
+Each kind of record is a typed `Change` written beside the operation that makes
+it (SnapshotChange in snapshot_record.py, CommitChange in commit.py, StreamChange
+in stream.py, ReplaceChange in children.py): it reads and writes its JSON, replays
+itself onto a Spec, and says what it does to the snapshot overlays' links.  This
+module holds the log, the base class and the dispatch by `op`.
 """
 
 from __future__ import annotations
@@ -17,15 +23,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fusedisk.errors import SpecError
 from fusedisk.graph.node import Role
-from fusedisk.graph.registry import default_options, drivers, overlay_driver
+from fusedisk.graph.registry import drivers
 from fusedisk.hostio.files import create_file, fsync_folder
-from fusedisk.spec_types import NodeSpec, Spec
+from fusedisk.spec_types import Spec
 
 STATE_VERSION = 1
 
@@ -34,20 +40,18 @@ def state_path(spec_path: Path) -> Path:
     return spec_path.with_name(spec_path.name + ".state.json")
 
 
-def load_changes(spec_path: Path) -> list[dict[str, Any]]:
+def load_changes(spec_path: Path) -> list[Change]:
     """The recorded changes, oldest first, a transaction's changes in its place."""
-    return expand(load_records(spec_path))
+    return parse_changes(load_records(spec_path), state_path(spec_path))
 
 
-def expand(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records as single changes: a `transaction` record (one graph transaction,
-    graph/transaction.py) stands for the changes it lists."""
-    out: list[dict[str, Any]] = []
+def parse_changes(records: list[dict[str, Any]], where: Path) -> list[Change]:
+    """Records as typed single changes: a `transaction` record (one graph
+    transaction, graph/transaction.py) stands for the changes it lists."""
+    out: list[Change] = []
     for record in records:
-        if record.get("op") == "transaction" and isinstance(record.get("changes"), list):
-            out.extend(record["changes"])
-        else:
-            out.append(record)
+        change = Change.from_record(record, where)
+        out.extend(change.changes if isinstance(change, TransactionChange) else [change])
     return out
 
 
@@ -84,9 +88,9 @@ def save_changes(spec_path: Path, changes: list[dict[str, Any]]) -> None:
     fsync_folder(path.parent)
 
 
-def record_change(spec_path: Path, change: dict[str, Any]) -> None:
+def record_change(spec_path: Path, change: Change) -> None:
     """Append one record to the durable log (see save_changes)."""
-    save_changes(spec_path, [*load_records(spec_path), change])
+    save_changes(spec_path, [*load_records(spec_path), change.to_json()])
 
 
 def _user_of(spec: Spec, name: str) -> tuple[str, str, int | None] | None:
@@ -165,7 +169,107 @@ def _remove_unused(spec: Spec, name: str) -> None:
             _remove_unused(spec, child)
 
 
-def overlay_links(changes: list[dict[str, Any]]) -> dict[str, str | None]:
+@dataclass
+class Replay:
+    """What replaying records onto a spec carries from one record to the next."""
+
+    spec: Spec
+    where: Path
+    #: overlay node -> (snapshot name, its file): checked once every record is replayed
+    overlay_files: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def has(self, *names: str) -> bool:
+        return all(name in self.spec.nodes for name in names)
+
+    def refuse(self, sentence: str) -> SpecError:
+        """A record that no longer fits the spec: the mount is refused."""
+        return SpecError(f"{self.where}: {sentence}")
+
+    def repoint(self, old: str, new: str) -> None:
+        _repoint(self.spec, old, new)
+
+    def make_read_only(self, name: str) -> None:
+        _make_read_only(self.spec, name)
+
+    def set_writable(self, name: str) -> None:
+        _set_writable(self.spec, name)
+
+    def remove_unused(self, name: str) -> None:
+        _remove_unused(self.spec, name)
+
+
+class Change:
+    """One recorded graph change.  Subclasses name their `op`, read and write
+    their JSON, and replay themselves; the base knows every kind by its `op`."""
+
+    op: ClassVar[str] = ""
+    _kinds: ClassVar[dict[str, type[Change]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.op:
+            Change._kinds[cls.op] = cls
+
+    @classmethod
+    def from_record(cls, record: Any, where: Path) -> Change:
+        """The typed change of one JSON record; a record of no known kind, or one
+        that lacks a field its kind needs, refuses the spec with a sentence."""
+        op = record.get("op") if isinstance(record, dict) else None
+        kind = Change._kinds.get(op) if isinstance(op, str) else None
+        if kind is None:
+            raise SpecError(f"{where}: unknown recorded change {record!r}")
+        try:
+            return kind.from_json(record, where)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SpecError(f"{where}: damaged recorded {op} change ({e!r}): {record!r}") from None
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: Path) -> Change:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def replay(self, replay: Replay) -> None:
+        """Make the spec what the graph became after this change."""
+        raise NotImplementedError
+
+    def relink(self, links: dict[str, str | None]) -> None:
+        """What this change does to the overlays' links to their bases (overlay_links)."""
+
+
+@dataclass(frozen=True)
+class TransactionChange(Change):
+    """Several changes made durable together by one graph transaction."""
+
+    op: ClassVar[str] = "transaction"
+    changes: list[Change]
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: Path) -> Change:
+        changes = record["changes"]
+        if not isinstance(changes, list):
+            raise ValueError("'changes' is not a list")
+        return cls([Change.from_record(c, where) for c in changes])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "changes": [c.to_json() for c in self.changes]}
+
+    def replay(self, replay: Replay) -> None:
+        for change in self.changes:
+            change.replay(replay)
+
+    def relink(self, links: dict[str, str | None]) -> None:
+        for change in self.changes:
+            change.relink(links)
+
+
+def one_record(changes: list[Change]) -> Change:
+    """What one transaction records: its one change, or all of them together."""
+    return changes[0] if len(changes) == 1 else TransactionChange(changes)
+
+
+def overlay_links(changes: list[Change]) -> dict[str, str | None]:
     """Overlay node -> its base, for the overlays the changes leave in the graph.
 
     A committed overlay is gone, as is one a quorum replaced; a streamed one (and
@@ -174,53 +278,12 @@ def overlay_links(changes: list[dict[str, Any]]) -> dict[str, str | None]:
     """
     links: dict[str, str | None] = {}
     for change in changes:
-        op = change.get("op")
-        if op == "snapshot":
-            for overlay in change["overlays"]:
-                links[overlay["node"]] = overlay["base"]
-        elif op == "commit":
-            links.pop(change["overlay"], None)
-        elif op == "replace":  # a quorum child replaced: that overlay left the graph
-            links.pop(change["old"], None)
-        elif op == "stream":
-            below = links.get(change["node"])
-            links[change["node"]] = None
-            while below is not None and below in links:
-                node, below = below, links[below]
-                links[node] = None
+        change.relink(links)
     return links
 
 
-def live_snapshots(changes: list[dict[str, Any]], disk: str) -> list[dict[str, Any]]:
-    """The snapshot records of `disk` that still mark a point one can go back to
-    (some overlay of it still sits on its base), oldest first."""
-    links = overlay_links(changes)
-    return [
-        c
-        for c in changes
-        if c.get("op") == "snapshot"
-        and c.get("disk") == disk
-        and any(links.get(o["node"]) == o["base"] for o in c["overlays"])
-    ]
-
-
-def overlay_specs(overlay: dict[str, Any]) -> list[NodeSpec]:
-    """The spec nodes of one recorded overlay: a qcow2 node and its file."""
-    node, base, filename = overlay["node"], overlay["base"], overlay["filename"]
-    driver = overlay.get("driver") or overlay_driver().driver
-    # the leaf driver of the base's image; records older than "file-driver" used `file`
-    leaf = overlay.get("file-driver", "file")
-    options = default_options(driver)
-    file_options = {**default_options(leaf), "filename": filename}
-    return [
-        NodeSpec(f"{node}.file", leaf, file_options, inline=True),
-        NodeSpec(node, driver, options, {"file": f"{node}.file", "backing": base}),
-    ]
-
-
-def apply_changes(spec: Spec, changes: list[dict[str, Any]]) -> Spec:
+def apply_changes(spec: Spec, changes: list[Change]) -> Spec:
     """The spec as the recorded changes left it (the input Spec is not modified)."""
-    changes = expand(changes)
     if not changes:
         return spec
     spec = replace(
@@ -228,60 +291,14 @@ def apply_changes(spec: Spec, changes: list[dict[str, Any]]) -> Spec:
         nodes={k: replace(v, children=dict(v.children)) for k, v in spec.nodes.items()},
         disks={k: replace(v) for k, v in spec.disks.items()},
     )
-    where = state_path(spec.path)
-    overlay_files: dict[str, tuple[str, str]] = {}  # node -> (snapshot, filename)
+    replay = Replay(spec, state_path(spec.path))
     for change in changes:
-        op = change.get("op")
-        if op == "snapshot":
-            for overlay in change["overlays"]:
-                base = overlay["base"]
-                if base not in spec.nodes:
-                    raise SpecError(
-                        f"{where}: snapshot '{change['name']}' was taken of node "
-                        f"'{base}', which the spec no longer has; refusing to open an older layer"
-                    )
-                _repoint(spec, base, overlay["node"])
-                _make_read_only(spec, base)
-                for node in overlay_specs(overlay):
-                    spec.nodes[node.name] = node
-                overlay_files[overlay["node"]] = (change["name"], overlay["filename"])
-        elif op == "replace":  # a quorum child replaced by a spare (filters/quorum/node.py)
-            old, new = change["old"], change["new"]
-            if old not in spec.nodes or new not in spec.nodes:
-                raise SpecError(
-                    f"{where}: recorded replacement of node '{old}' by '{new}': the spec "
-                    "has no such node; refusing to open the replaced child"
-                )
-            _repoint(spec, old, new)
-        elif op == "commit":
-            overlay, base = change["overlay"], change["base"]
-            if overlay not in spec.nodes or base not in spec.nodes:
-                raise SpecError(
-                    f"{where}: recorded commit of node '{overlay}' into '{base}': the spec "
-                    "has no such node; refusing to open an older layer"
-                )
-            _repoint(spec, overlay, base)
-            children = spec.nodes[overlay].children
-            if children.get("backing") == base:
-                del children["backing"]
-            _remove_unused(spec, overlay)
-            _set_writable(spec, base)
-        elif op == "stream":
-            name = change["node"]
-            if name not in spec.nodes:
-                raise SpecError(
-                    f"{where}: recorded stream into node '{name}': the spec has no such node"
-                )
-            node = spec.nodes[name]
-            node.children.pop("backing", None)
-            spec.nodes[name] = replace(node, options={**node.options, "backing": None})
-        else:
-            raise SpecError(f"{where}: unknown recorded change {change!r}")
+        change.replay(replay)
     used = _reachable(spec)
-    for name, (snapshot, filename) in overlay_files.items():
+    for name, (snapshot, filename) in replay.overlay_files.items():
         if name in used and not Path(filename).exists():
             raise SpecError(
-                f"{where}: snapshot '{snapshot}': overlay '{filename}' is missing; "
+                f"{replay.where}: snapshot '{snapshot}': overlay '{filename}' is missing; "
                 "refusing to open an older layer"
             )
     return spec

@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fusedisk.errors import FuseDiskError, IOFailure
 from fusedisk.graph.chain import JOB_ROLE, hook, job_edge
+from fusedisk.graph.changes import Change, Replay
 from fusedisk.graph.copy import CopyGate, copy_chunks
 from fusedisk.graph.extents import Status
 from fusedisk.graph.jobs import Job, JobError
@@ -215,8 +218,8 @@ class ReplaceJob(Job):
     async def prepare(self) -> None:
         slot, temp, spare, old = self.slot, self.temp, self.spare, self.slot.node
         assert temp is not None
-        record = {"op": "replace", "parent": self.node.name, "old": old.name, "new": spare.name,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        record = ReplaceChange(self.node.name, old.name, spare.name,
+                               time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
 
         def readd_temp() -> None:
             self.temp = self.set.add_child(spare, temp.name, False)
@@ -257,3 +260,34 @@ async def start_replace(graph: Graph, disk: Disk, node: Node, text: str) -> Job:
             f"children.1 or its node name, NEW a spare node of the spec), got {text!r}"
         )
     return await graph.jobs.start(ReplaceJob(graph, disk, node, words[0], words[1]))
+
+
+@dataclass(frozen=True)
+class ReplaceChange(Change):
+    """The record of a fan-out node's child replaced by a spare (filters/quorum)."""
+
+    op: ClassVar[str] = "replace"
+    parent: str
+    old: str
+    new: str
+    time: str
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: Path) -> Change:
+        return cls(str(record.get("parent", "")), str(record["old"]), str(record["new"]),
+                   str(record.get("time", "")))  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "parent": self.parent, "old": self.old, "new": self.new,
+                "time": self.time}  # fmt: skip
+
+    def replay(self, replay: Replay) -> None:
+        if not replay.has(self.old, self.new):
+            raise replay.refuse(
+                f"recorded replacement of node '{self.old}' by '{self.new}': the spec "
+                "has no such node; refusing to open the replaced child"
+            )
+        replay.repoint(self.old, self.new)
+
+    def relink(self, links: dict[str, str | None]) -> None:
+        links.pop(self.old, None)  # a quorum child replaced: that overlay left the graph

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fusedisk.graph.chain import (
     JOB_ROLE,
@@ -36,7 +37,7 @@ from fusedisk.graph.chain import (
     temp_name,
     user_edge,
 )
-from fusedisk.graph.changes import load_changes, overlay_links
+from fusedisk.graph.changes import Change, Replay, load_changes, one_record, overlay_links
 from fusedisk.graph.copy import Range, allocated, copier, copy_chunks, merge_ranges
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.jobs import Job, JobError
@@ -80,18 +81,18 @@ def _commit_chains(graph: Graph, disk: Disk, name: str) -> tuple[str, list[list[
     links = overlay_links(load_changes(graph.spec.path))
     in_disk = {id(n) for n in walk(disk.top)}
     chains: list[list[Node]] = []
-    for overlay in record["overlays"]:
-        if links.get(overlay["node"]) != overlay["base"]:
+    for overlay in record.overlays:
+        if links.get(overlay.node) != overlay.base:
             continue
-        bottom = graph.nodes.get(overlay["node"])
+        bottom = graph.nodes.get(overlay.node)
         if bottom is None or id(bottom) not in in_disk:
             raise JobError(
-                f"disk '{disk.name}': commit: overlay '{overlay['node']}' is not in the disk"
+                f"disk '{disk.name}': commit: overlay '{overlay.node}' is not in the disk"
             )
         chains.append(_chain_down_to(disk, links, bottom))
     if not chains:
-        raise JobError(f"disk '{disk.name}': commit: snapshot '{record['name']}' has no overlay")
-    return record["name"], chains
+        raise JobError(f"disk '{disk.name}': commit: snapshot '{record.name}' has no overlay")
+    return record.name, chains
 
 
 def _chain_down_to(disk: Disk, links: dict[str, str | None], bottom: Node) -> list[Node]:
@@ -197,12 +198,9 @@ class CommitJob(Job):
             steps.append(Step(partial(layer.user.hooks.remove, layer.recorder),
                               partial(layer.user.hooks.append, layer.recorder)))  # fmt: skip
             steps.append(repoint(layer.user, layer.base))
-        changes = [
-            {"op": "commit", "disk": self.disk.name, "overlay": layer.overlay.name,
-             "base": layer.base.name}
-            for layer in layers
-        ]  # fmt: skip
-        record = changes[0] if len(changes) == 1 else {"op": "transaction", "changes": changes}
+        record = one_record(
+            [CommitChange(self.disk.name, layer.overlay.name, layer.base.name) for layer in layers]
+        )
         then: list[Action] = [partial(_detach_job_edges, layer) for layer in layers]
         then += [partial(self.graph.remove_node, layer.overlay) for layer in layers]
         then += [partial(path.unlink) for path in files]
@@ -273,3 +271,37 @@ async def _set_read_only(base: Node) -> None:
 async def start_commit(graph: Graph, disk: Disk, name: str) -> Job:
     """Start committing the newest snapshot (or every layer down to snapshot `name`)."""
     return await graph.jobs.start(CommitJob(graph, disk, name))
+
+
+@dataclass(frozen=True)
+class CommitChange(Change):
+    """The record of one overlay committed into its base: the base takes the
+    overlay's place (writable again), the overlay leaves the spec."""
+
+    op: ClassVar[str] = "commit"
+    disk: str
+    overlay: str
+    base: str
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: Path) -> Change:
+        return cls(str(record.get("disk", "")), str(record["overlay"]), str(record["base"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "disk": self.disk, "overlay": self.overlay, "base": self.base}
+
+    def replay(self, replay: Replay) -> None:
+        if not replay.has(self.overlay, self.base):
+            raise replay.refuse(
+                f"recorded commit of node '{self.overlay}' into '{self.base}': the spec "
+                "has no such node; refusing to open an older layer"
+            )
+        replay.repoint(self.overlay, self.base)
+        children = replay.spec.nodes[self.overlay].children
+        if children.get("backing") == self.base:
+            del children["backing"]
+        replay.remove_unused(self.overlay)
+        replay.set_writable(self.base)
+
+    def relink(self, links: dict[str, str | None]) -> None:
+        links.pop(self.overlay, None)

@@ -14,14 +14,30 @@ from pathlib import Path
 from typing import Any
 
 from fusedisk.errors import FuseDiskError, OpenError
-from fusedisk.graph.changes import apply_changes, load_changes, load_records, save_changes
+from fusedisk.graph.changes import (
+    Change,
+    apply_changes,
+    load_changes,
+    load_records,
+    parse_changes,
+    save_changes,
+    state_path,
+)
+from fusedisk.graph.children import ReplaceChange
+from fusedisk.graph.commit import CommitChange
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.jobs import Jobs
 from fusedisk.graph.node import Node, walk
 from fusedisk.graph.registry import default_options, drivers
+from fusedisk.graph.snapshot_record import SnapshotChange
+from fusedisk.graph.stream import StreamChange
 from fusedisk.spec_types import DiskSpec, Spec
 
 log = logging.getLogger("fusedisk")
+
+#: the kinds of change record a replay meets (each registers itself by its `op`
+#: when its module loads; naming them here makes sure they have loaded)
+RECORD_KINDS = (CommitChange, ReplaceChange, SnapshotChange, StreamChange)
 
 
 class Graph:
@@ -109,14 +125,14 @@ class Graph:
             raise OpenError(f"there is no node named '{name}' in the spec")
         return await self._open_spec_node(name)
 
-    def commit_record(self, record: dict[str, Any]) -> None:
+    def commit_record(self, record: Change) -> None:
         """Make one graph transaction durable (graph/changes.py).
 
         The new log is replayed on the user's spec first: a record the next
         mount would refuse is never written (the transaction is undone instead).
         """
-        records = [*load_records(self.spec.path), record]
-        apply_changes(self.user_spec, records)
+        records = [*load_records(self.spec.path), record.to_json()]
+        apply_changes(self.user_spec, parse_changes(records, state_path(self.spec.path)))
         save_changes(self.spec.path, records)
 
     def disks_of(self, nodes: list[Node]) -> list[Disk]:

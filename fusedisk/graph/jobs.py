@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
-from fusedisk.errors import ControlError, FuseDiskError
+from fusedisk.errors import ControlError, FuseDiskError, describe
 from fusedisk.graph.transaction import ChangeLog, Transaction
 
 if TYPE_CHECKING:
@@ -67,6 +67,15 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
 }
+
+
+def _as_sentence(job: Job, error: OSError) -> JobError:
+    """A host error of a job as the one sentence the writer's `last-error` shows,
+    with the host's errno (ENAMETOOLONG, ENOSPC...) for the writer."""
+    failure = JobError(f"disk '{job.disk.name}': {job.kind} failed: {describe(error)}")
+    if error.errno:
+        failure.errno = error.errno
+    return failure
 
 
 class Busy(ControlError):
@@ -204,9 +213,13 @@ class Jobs:
             await job.setup()
         except BaseException as e:
             await self._finish(job, e)
+            if isinstance(e, OSError):
+                raise _as_sentence(job, e) from e
             raise
         if not job.background:
             await self._run(job)
+            if isinstance(job.exception, OSError):
+                raise _as_sentence(job, job.exception) from job.exception
             if job.exception is not None:
                 raise job.exception
             return job
@@ -235,8 +248,8 @@ class Jobs:
         elif error is not None:
             job.move(JobState.FAILED)
             job.exception = error
-            if isinstance(error, FuseDiskError):
-                job.error = str(error)
+            if isinstance(error, FuseDiskError | OSError):
+                job.error = describe(error)  # a refusal or a host error: no traceback
             else:
                 job.error = f"{type(error).__name__}: {error}"
                 log.error("disk '%s': %s failed", job.disk.name, job.kind, exc_info=error)

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusedisk.errors import FuseDiskError
+from fusedisk.errors import FuseDiskError, describe
 from fusedisk.graph.chain import (
     backing_of,
     rename_node,
@@ -62,26 +62,28 @@ class RevertJob(Job):
     async def setup(self) -> None:
         graph, disk = self.graph, self.disk
         record = snapshot_record(graph, disk, self.name, "revert")
-        self.target = record["name"]
+        self.target = record.name
         links = overlay_links(load_changes(graph.spec.path))
         in_disk = {id(n) for n in walk(disk.top)}
-        for overlay in record["overlays"]:
-            node = graph.nodes.get(overlay["node"])
-            if node is None or id(node) not in in_disk or links.get(node.name) != overlay["base"]:
+        for overlay in record.overlays:
+            node = graph.nodes.get(overlay.node)
+            if node is None or id(node) not in in_disk or links.get(node.name) != overlay.base:
                 continue
             if user_edge(node).role == Role.BACKING:
                 continue  # a newer snapshot covers it
             self.targets.append((node, backing_of(node), image_of(node)))
         if not self.targets:
             raise JobError(
-                f"disk '{disk.name}': revert: no overlay of snapshot '{record['name']}' is the "
+                f"disk '{disk.name}': revert: no overlay of snapshot '{record.name}' is the "
                 "active layer (revert or commit the newer snapshots first)"
             )
         try:
             for node, base, path in self.targets:
                 await self._fresh_overlay(node, base, path)
         except (FuseDiskError, OSError) as e:
-            raise JobError(f"disk '{disk.name}': revert to '{record['name']}' failed: {e}") from e
+            raise JobError(
+                f"disk '{disk.name}': revert to '{record.name}' failed: {describe(e)}"
+            ) from e
 
     async def _fresh_overlay(self, node: Node, base: Node, path: Path) -> None:
         graph = self.graph

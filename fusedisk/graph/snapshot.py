@@ -23,14 +23,16 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fusedisk.errors import ControlError, FuseDiskError
-from fusedisk.graph.changes import live_snapshots, load_changes, overlay_specs
+from fusedisk.errors import ControlError, FuseDiskError, describe
+from fusedisk.graph.changes import Change, load_changes
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.jobs import Job
+from fusedisk.graph.naming import family, overlay_names, recorded_overlays
 from fusedisk.graph.node import GraphOp, Node, Role, walk
 from fusedisk.graph.registry import overlay_driver
+from fusedisk.graph.snapshot_record import OverlayRecord, SnapshotChange, live_snapshots
 from fusedisk.graph.transaction import Step
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ log = logging.getLogger("fusedisk")
 
 _SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
 _DATA_ROLES = (Role.FILTERED, Role.FILE)
+#: characters of a snapshot name; its file and node names are cut shorter (naming.py)
+MAX_NAME = 255
 
 
 class SnapshotError(ControlError):
@@ -93,12 +97,13 @@ def is_network_leaf(node: Node) -> bool:
     return node.protocol is not None and not node.children
 
 
-def overlay_path(node: Node, snapshot: str, spec_folder: Path) -> Path:
-    """Where the overlay of `node` for `snapshot` goes: beside its image file, or for
-    a network leaf, in the spec's folder, named after the node."""
+def overlay_place(node: Node, spec_folder: Path) -> tuple[Path, str]:
+    """(folder, stem) an overlay of `node` is named from (graph/naming.py): beside its
+    image file, or for a network leaf, in the spec's folder, named after the node."""
     if is_network_leaf(node):
-        return spec_folder / f"{node.name}.{snapshot}.qcow2"
-    return overlay_filename(image_of(node), snapshot)
+        return spec_folder, node.name
+    image = image_of(node)
+    return image.parent, image.stem
 
 
 def backing_reference(base: Node, overlay: Path) -> tuple[str, str]:
@@ -110,24 +115,20 @@ def backing_reference(base: Node, overlay: Path) -> tuple[str, str]:
     return os.path.relpath(image_of(base), overlay.parent), base.driver
 
 
-def overlay_filename(image: Path, snapshot: str) -> Path:
-    """`images/d0.qcow2` + `s1` -> `images/d0.s1.qcow2`: beside what it covers."""
-    return image.with_name(f"{image.stem}.{snapshot}.qcow2")
-
-
 @dataclass
 class _Plan:
     edge: Edge
     base: Node
     overlay: Path
     node_name: str
+    stems: tuple[str, str]
 
 
-def unique_node_name(graph: Graph, wanted: str, taken: set[str] | None = None) -> str:
-    name = wanted
-    while name in graph.nodes or name in graph.spec.nodes or name in (taken or set()):
-        name += "_"
-    return name
+def taken_node_names(graph: Graph, changes: list[Change]) -> set[str]:
+    """Every node name a new overlay must not take: the graph's, the spec's, and
+    every overlay the change log ever recorded (and its file node)."""
+    recorded = recorded_overlays(changes)
+    return {*graph.nodes, *graph.spec.nodes, *recorded, *(f"{n}.file" for n in recorded)}
 
 
 def read_only_steps(base: Node) -> list[Step]:
@@ -166,31 +167,43 @@ class SnapshotJob(Job):
         self.start = start
         self.plans: list[_Plan] = []
         self.opened: list[Node] = []
-        self.record: dict[str, Any] = {}
+        self.record: SnapshotChange | None = None
 
     def claims(self) -> list[Node]:
         return list(walk(self.start.node))
 
     async def setup(self) -> None:
         graph, name = self.graph, self.target
+        if len(name) > MAX_NAME:
+            raise SnapshotError(
+                f"snapshot name '{name[:20]}...' is {len(name)} characters long; at most {MAX_NAME}"
+            )
         if not _SNAPSHOT_NAME.match(name):
             raise SnapshotError(f"snapshot name {name!r}: use letters, digits and _ . + - only")
-        if any(c.get("name") == name for c in load_changes(graph.spec.path)):
+        changes = load_changes(graph.spec.path)
+        if any(isinstance(c, SnapshotChange) and c.name == name for c in changes):
             raise SnapshotError(
                 f"disk '{self.disk.name}': a snapshot named '{name}' exists already"
             )
-        taken: set[str] = set()
-        for edge in snapshot_points(self.start):
-            path = overlay_path(edge.node, name, graph.spec.base_dir)
-            if path.exists():
-                raise SnapshotError(f"snapshot '{name}': '{path}' exists already")
-            node_name = unique_node_name(graph, f"{edge.node.name}.{name}", taken)
-            taken.add(node_name)
-            self.plans.append(_Plan(edge, edge.node, path, node_name))
         try:
+            self._plan(changes)
             await self._make_overlays()
         except (FuseDiskError, OSError) as e:
-            raise SnapshotError(f"disk '{self.disk.name}': snapshot '{name}' failed: {e}") from e
+            raise SnapshotError(
+                f"disk '{self.disk.name}': snapshot '{name}' failed: {describe(e)}"
+            ) from e
+
+    def _plan(self, changes: list[Change]) -> None:
+        """Where each overlay goes and its names (graph/naming.py)."""
+        taken_files: set[Path] = set()
+        taken_nodes = taken_node_names(self.graph, changes)
+        for edge in snapshot_points(self.start):
+            folder, stem = overlay_place(edge.node, self.graph.spec.base_dir)
+            stems = family(changes, edge.node.name, stem)
+            path, node = overlay_names(folder, stems, self.target, taken_files, taken_nodes)
+            taken_files.add(path)
+            taken_nodes.update((node, f"{node}.file"))
+            self.plans.append(_Plan(edge, edge.node, path, node, stems))
 
     async def _make_overlays(self) -> None:
         driver = overlay_driver()
@@ -200,18 +213,14 @@ class SnapshotJob(Job):
             backing, backing_format = backing_reference(plan.base, plan.overlay)
             driver.create_overlay(plan.overlay, plan.base.size, backing, backing_format)
             overlays.append(
-                {"node": plan.node_name, "base": plan.base.name, "filename": str(plan.overlay),
-                 "driver": driver.driver, "file-driver": leaf_driver(plan.base)}
+                OverlayRecord(plan.node_name, plan.base.name, str(plan.overlay), driver.driver,
+                              leaf_driver(plan.base), plan.stems[0], plan.stems[1])
             )  # fmt: skip
-        self.record = {
-            "op": "snapshot",
-            "name": self.target,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "disk": self.disk.name,
-            "overlays": overlays,
-        }
+        self.record = SnapshotChange(
+            self.target, time.strftime("%Y-%m-%dT%H:%M:%S%z"), self.disk.name, tuple(overlays)
+        )
         for plan, overlay in zip(self.plans, overlays, strict=True):
-            file_spec, image_spec = overlay_specs(overlay)
+            file_spec, image_spec = overlay.node_specs()
             file_node = await self.graph.add_node(
                 file_spec.name, file_spec.driver, file_spec.options, {}
             )
@@ -233,10 +242,11 @@ class SnapshotJob(Job):
                  ", ".join(str(p.overlay) for p in self.plans))  # fmt: skip
 
 
-async def take_snapshot(graph: Graph, disk: Disk, start: Edge, name: str) -> dict[str, Any]:
+async def take_snapshot(graph: Graph, disk: Disk, start: Edge, name: str) -> SnapshotChange:
     """Take snapshot `name` below `start` as a job of the graph; returns the record."""
     job = SnapshotJob(graph, disk, start, name)
     await graph.jobs.start(job)
+    assert job.record is not None
     return job.record
 
 
@@ -245,6 +255,6 @@ def list_snapshots(graph: Graph, disk: Disk) -> str:
     merged away by a commit or a stream is no longer listed)."""
     lines = []
     for change in live_snapshots(load_changes(graph.spec.path), disk.name):
-        files = " ".join(o["filename"] for o in change["overlays"])
-        lines.append(f"{change['name']}\t{change['time']}\t{files}")
+        files = " ".join(o.filename for o in change.overlays)
+        lines.append(f"{change.name}\t{change.time}\t{files}")
     return "".join(f"{line}\n" for line in lines)

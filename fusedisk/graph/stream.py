@@ -12,14 +12,17 @@ stream (background; QEMU's block-stream):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fusedisk.graph.chain import (
     hook,
     job_edge,
     user_edge,
 )
+from fusedisk.graph.changes import Change, Replay, one_record
 from fusedisk.graph.copy import CopyGate, copy_chunks
 from fusedisk.graph.disk import is_zero
 from fusedisk.graph.edge import Edge
@@ -88,8 +91,7 @@ class StreamJob(Job):
     async def prepare(self) -> None:
         steps = [Step(partial(user.hooks.remove, gate), partial(user.hooks.append, gate))
                  for _, user, gate, _ in self.gates]  # fmt: skip
-        changes = [{"op": "stream", "disk": self.disk.name, "node": n.name} for n in self.overlays]
-        record = changes[0] if len(changes) == 1 else {"op": "transaction", "changes": changes}
+        record = one_record([StreamChange(self.disk.name, n.name) for n in self.overlays])
         then = [partial(self._standalone, node, edge) for node, _, _, edge in self.gates]
         await self.txn.apply(steps, record, then=then)
         log.info("disk '%s': streamed into %s", self.disk.name, self.target)
@@ -117,3 +119,36 @@ async def _fill_from_backing(edge: Edge, offset: int, length: int) -> None:
 async def start_stream(graph: Graph, disk: Disk, text: str) -> Job:
     """Start streaming the backing chains into the disk's active layers."""
     return await graph.jobs.start(StreamJob(graph, disk, text))
+
+
+@dataclass(frozen=True)
+class StreamChange(Change):
+    """The record of a stream into an overlay: it holds its whole chain now, and
+    its header names no backing file."""
+
+    op: ClassVar[str] = "stream"
+    disk: str
+    node: str
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: Path) -> Change:
+        return cls(str(record.get("disk", "")), str(record["node"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "disk": self.disk, "node": self.node}
+
+    def replay(self, replay: Replay) -> None:
+        if not replay.has(self.node):
+            raise replay.refuse(
+                f"recorded stream into node '{self.node}': the spec has no such node"
+            )
+        node = replay.spec.nodes[self.node]
+        node.children.pop("backing", None)
+        replay.spec.nodes[self.node] = replace(node, options={**node.options, "backing": None})
+
+    def relink(self, links: dict[str, str | None]) -> None:
+        below = links.get(self.node)
+        links[self.node] = None
+        while below is not None and below in links:
+            name, below = below, links[below]
+            links[name] = None

@@ -32,11 +32,12 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 if TYPE_CHECKING:
+    from fusedisk.graph.changes import Change
     from fusedisk.graph.disk import Disk
 
 log = logging.getLogger("fusedisk")
@@ -61,7 +62,7 @@ class Step:
 class ChangeLog(Protocol):
     """Where a transaction makes its change durable (the Graph)."""
 
-    def commit_record(self, record: dict[str, Any]) -> None: ...
+    def commit_record(self, record: Change) -> None: ...
 
 
 class Transaction:
@@ -81,7 +82,7 @@ class Transaction:
     async def apply(
         self,
         steps: list[Step],
-        record: dict[str, Any] | None = None,
+        record: Change | None = None,
         durable: Action | None = None,
         then: Sequence[Action] = (),
     ) -> None:

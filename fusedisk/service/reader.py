@@ -14,14 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusedisk.errors import FuseDiskError
+from fusedisk.service.mounts import NotAMount, fusedisk_mount_of
 
 #: a node directory's standard entries; anything else is a driver's control file
 NODE_FILES = {"driver", "size", "options", "children", "parents", "siblings", "stats", "snapshot"}
-
-
-class NotAMount(FuseDiskError):
-    pass
 
 
 def read_text(path: Path) -> str | None:
@@ -122,8 +118,15 @@ class MountView:
 
 
 def check_mount(mountpoint: Path) -> None:
-    if not os.path.isdir(mountpoint) or not (mountpoint / "last-error").exists():
-        raise NotAMount(f"'{mountpoint}' is not a fusedisk mount (no last-error file in it)")
+    """Refuse a path that is not the mount point of a live fusedisk mount (a dead
+    one is named as such, with how to clear it: service/mounts.py)."""
+    try:
+        mounted = fusedisk_mount_of(mountpoint)
+    except NotAMount:
+        mounted = None
+    if mounted is None or Path(os.path.realpath(mountpoint)) != mounted:
+        where = f"; the mount is at '{mounted}'" if mounted is not None else ""
+        raise NotAMount(f"'{mountpoint}' is not a fusedisk mount{where}")
 
 
 def disk_names(mountpoint: Path) -> list[str]:

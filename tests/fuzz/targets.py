@@ -22,6 +22,9 @@ import trio
 
 from fusedisk.errors import FuseDiskError
 from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import luks2_checks as lc
+from fusedisk.filters.luks import luks2_json as lj
+from fusedisk.filters.luks import luks2_volume as l2
 from fusedisk.formats.dedup.layout import PAGE, TxnHeader, pick_superblock
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import parse_spec, spec_from_bytes
@@ -144,6 +147,45 @@ def luks_header(data: bytes) -> None:
     _refusals_only(parse)
 
 
+def luks2_json(data: bytes) -> None:
+    """The LUKS2 JSON metadata of a 16 KiB header: parsed, refusals, layout checks."""
+
+    def parse() -> None:
+        try:
+            meta = lj.parse_metadata(data, 16 << 10)
+            lc.refusals(meta)
+            lc.plugin_tokens(meta)
+            lc.check_layout(meta, 16 << 10, 32 << 20)
+        except lj.MetadataError:
+            pass
+
+    _refusals_only(parse)
+
+
+def _cheap(ks: lj.Keyslot) -> bool:
+    k = ks.kdf
+    return k.iterations <= 2000 if k.type == "pbkdf2" else k.time * k.memory <= 4096
+
+
+async def _luks2_load_and_unlock(data: bytes) -> None:
+    async def read(offset: int, length: int) -> bytes:
+        return data[offset : offset + length].ljust(length, b"\0")
+
+    size = max(len(data), 17 << 20)
+    volume = await l2.load(read, size, size, "fuzz")
+    volume.info()
+    if all(_cheap(k) for k in volume.meta.keyslots.values() if k.type == "luks2"):
+        with contextlib.suppress(FuseDiskError):
+            await l2.unlock(read, volume, b"wrong", "fuzz")
+
+
+def luks2_header(data: bytes) -> None:
+    """Both LUKS2 binary headers and their JSON (an image's first 32 KiB, the rest
+    zeroes): copy selection, checksums, metadata, and unlocking with a wrong key where
+    the key derivation is cheap."""
+    _refusals_only(lambda: trio.run(_luks2_load_and_unlock, data))
+
+
 def spec_file(data: bytes) -> None:
     """The spec parser, from the file's bytes (any encoding, any nesting)."""
     _refusals_only(lambda: spec_from_bytes(data, _FOLDER / "fuzz.toml"))
@@ -215,6 +257,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "qcow2-rw": qcow2_image_written,
     "dedup": dedup_metadata,
     "luks": luks_header,
+    "luks2-json": luks2_json,
+    "luks2-header": luks2_header,
     "spec": spec_file,
     "fuse": fuse_requests,
 }

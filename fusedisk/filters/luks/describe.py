@@ -1,20 +1,39 @@
 """What `fusedisk info` shows of a LUKS header, in `qemu-img info --output=json`'s names.
 
-The cipher, hash, UUID and key slots; never key material or digests.
+The cipher, hash, UUID and key slots; never key material or digests.  LUKS2
+(which QEMU does not show) adds cryptsetup luksDump's fields:
+luks2_volume.image_info.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from fusedisk.filters.luks import header
+import trio
+
+from fusedisk.filters.luks import header, luks2_volume
 from fusedisk.hostio.files import image_size, read_head
+
+
+def _luks2(path: str, size: int, where: str) -> dict[str, Any]:
+    async def read(offset: int, length: int) -> bytes:
+        with open(path, "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+
+    async def load() -> luks2_volume.Luks2Volume:
+        return await luks2_volume.load(read, size, size, where)
+
+    return luks2_volume.image_info(trio.run(load), size)
 
 
 def describe(path: str) -> dict[str, Any]:
     where = f"LUKS image '{path}'"
     size = image_size(path, where)
-    hdr = header.parse_header(read_head(path, header.HEADER_SIZE, where), size, where)
+    head = read_head(path, header.HEADER_SIZE, where)
+    if header.probe(head) == 2:
+        return _luks2(path, size, where)
+    hdr = header.parse_header(head, size, where)
     mode, _, ivgen = hdr.cipher_mode.partition("-")
     key_bits = hdr.key_bytes * 8 // (2 if mode == "xts" else 1)  # XTS splits its key in two
     slots = []

@@ -80,7 +80,7 @@ HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha512": hashes.SHA512,
 }
 
-LUKS2_MESSAGE = "LUKS2 is not supported; use a LUKS1 header (cryptsetup luksFormat --type luks1)"
+LUKS2_MESSAGE = "a LUKS2 header is read by luks2_volume, not by the LUKS1 parser"
 
 
 class WrongKey(OpenError):

@@ -1,26 +1,29 @@
-"""Driver `luks`: LUKS1 encryption of everything below it.
+"""Driver `luks`: LUKS1 or LUKS2 encryption of everything below it.
 
-The child (`file`) holds a LUKS1 header, key slots and, after them, the
-encrypted payload; this node presents the payload's plaintext, so its size is
-the child's size minus the payload offset.  Sectors are 512 bytes and their
-IVs count from the payload's start, as cryptsetup (dm-crypt), QEMU's `luks`
-driver and nbdkit's luks filter expect, so an image is shared with them.
+The child (`file`) holds a LUKS header, key slots and, after them, the
+encrypted payload; this node presents the payload's plaintext.  The version
+comes from the header: LUKS1 (header.py) has 512-byte sectors and a payload
+to the device's end; LUKS2 (luks2_*.py) has one data segment with its own
+offset, size (fixed or "dynamic"), sector size (512-4096) and IV tweak.  IVs
+count 512-byte units from the segment's start (plus the tweak) whatever the
+sector size, as
+cryptsetup (dm-crypt), QEMU and nbdkit expect, so an image is shared with
+them.  The node's request_alignment is the sector size, so the edge turns
+smaller requests into read-modify-write.
 
 The node changes data, so it derives from Node (which refuses by default)
 and implements every request itself.  A snapshot passes below it
 (graph_op PASS): the overlays then store ciphertext.
 
-The on-disk format lives in header.py, the sector cipher in
-cipher.py; this file is the glue: key sources, open, requests.
+The on-disk formats live in header.py and luks2_*.py, the sector cipher in
+cipher.py, key sources in keys.py; this file is the glue: open, requests.
 Neither the passphrase nor the master key is kept in options, shown,
 logged or put in a message; only the sector cipher holds the key.
 """
 
 from __future__ import annotations
 
-import getpass
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -28,14 +31,23 @@ import trio
 
 from fusedisk.errors import NotSupported, OpenError
 from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import luks2_volume as l2
 from fusedisk.filters.luks.cipher import (
     SECTOR,
     Buffer,
+    CipherSpecError,
     SectorCipher,
     make_sector_cipher,
     sector_pieces,
+    split_cipher_spec,
 )
 from fusedisk.filters.luks.describe import describe
+from fusedisk.filters.luks.keys import (
+    ask_passphrase,
+    file_reader,
+    read_key_env,
+    read_key_file,
+)
 from fusedisk.graph.driver_slots import PROBE_CERTAIN
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent, Status, merge_extents
@@ -64,47 +76,9 @@ _ZEROES = bytes(ZERO_CHUNK)
 CIPHERS = ("aes-xts-plain64", "aes-cbc-essiv:sha256", "aes-cbc-plain64", "aes-cbc-plain")
 
 
-def read_key_file(path: str, where: str) -> bytes:
-    """The raw bytes of a key file, as cryptsetup --key-file reads them (no newline stripped)."""
-    try:
-        with open(path, "rb") as f:
-            key = f.read(lh.MAX_KEY_FILE + 1)
-    except OSError as e:
-        raise OpenError(f"{where}: cannot read '{path}': {e.strerror}") from None
-    if len(key) > lh.MAX_KEY_FILE:
-        raise OpenError(f"{where}: '{path}' is larger than {lh.MAX_KEY_FILE} bytes")
-    if not key:
-        raise OpenError(f"{where}: '{path}' is empty")
-    return key
-
-
-def read_key_env(name: str, where: str) -> bytes:
-    value = os.environb.get(name.encode())
-    if value is None:
-        raise OpenError(f"{where}: environment variable '{name}' is not set")
-    if not value:
-        raise OpenError(f"{where}: environment variable '{name}' is empty")
-    return value
-
-
-def ask_passphrase(prompt: str, where: str, confirm: bool = False) -> bytes:
-    """Ask on the terminal (blocking: call it on a worker thread)."""
-    if not sys.stdin.isatty():
-        raise OpenError(
-            f"{where}: no key given: set option 'key-file' or 'passphrase-env' "
-            "(standard input is not a terminal, so the passphrase cannot be asked)"
-        )
-    first = getpass.getpass(prompt)
-    if confirm and getpass.getpass("Verify passphrase: ") != first:
-        raise OpenError(f"{where}: the passphrases do not match")
-    if not first:
-        raise OpenError(f"{where}: the passphrase is empty")
-    return first.encode()
-
-
 class LuksNode(Node):
     driver = "luks"
-    summary = "LUKS1 encryption (aes-xts-plain64), compatible with cryptsetup and QEMU"
+    summary = "LUKS1 and LUKS2 encryption (aes-xts-plain64), compatible with cryptsetup and QEMU"
     option_specs = option_table(
         Option(
             "key-file",
@@ -112,7 +86,19 @@ class LuksNode(Node):
             None,
             "file whose bytes are the passphrase, as cryptsetup --key-file reads it",
         ),
-        Option("passphrase-env", "str", None, "environment variable holding the passphrase"),
+        Option(
+            "passphrase-env",
+            "str",
+            None,
+            "environment variable holding the passphrase (taken out of the daemon's "
+            "environment once read)",
+        ),
+        Option(
+            "header-file",
+            "path",
+            None,
+            "a detached LUKS2 header (cryptsetup --header): the child then holds the data only",
+        ),
         Option(
             "format",
             "bool",
@@ -164,6 +150,9 @@ class LuksNode(Node):
 
     _cipher: SectorCipher | None = None
     _payload = 0
+    _sector = SECTOR
+    _iv_tweak = 0
+    _luks2: l2.Luks2Volume | None = None
     _slot = -1
     _formatted = False
     _threaded = 0
@@ -215,15 +204,25 @@ class LuksNode(Node):
         await super().open()
         child = self.file.node
         head = await self.file.read(0, min(child.size, lh.HEADER_SIZE))
-        if lh.probe(head) is None and self.options["format"]:
+        header_file = self.options.get("header-file")
+        if header_file is None and lh.probe(head) is None and self.options["format"]:
             await self._format()
             head = await self.file.read(0, lh.HEADER_SIZE)
-        elif lh.probe(head) is None:
+        elif header_file is None and lh.probe(head) is None:
             raise OpenError(
                 f"{self.where}: '{child.name}' holds no LUKS header (it does not start with "
                 "the LUKS magic); to create one, set format = true or run `fusedisk luks format`"
             )
-        self.header = lh.parse_header(head, child.size, self.where)
+        if header_file is not None or lh.probe(head) == 2:
+            await self._open_luks2(header_file)
+        else:
+            await self._open_luks1(head)
+        self._pool = WorkerPool(f"luks:{self.name}", max_workers=os.cpu_count() or 1)
+        self._update_size()
+        self.request_alignment = self._sector
+
+    async def _open_luks1(self, head: bytes) -> None:
+        self.header = lh.parse_header(head, self.file.node.size, self.where)
         passphrase = await self._passphrase()
         self._slot, master_key = await lh.unlock(self.file, self.header, passphrase, self.where)
         self._cipher = make_sector_cipher(
@@ -231,12 +230,36 @@ class LuksNode(Node):
         )
         del master_key, passphrase
         self._payload = self.header.payload_bytes
-        self._pool = WorkerPool(f"luks:{self.name}", max_workers=os.cpu_count() or 1)
-        self._update_size()
-        self.request_alignment = SECTOR
+
+    async def _open_luks2(self, header_file: str | None) -> None:
+        if header_file is not None:
+            read, header_size = file_reader(str(header_file), f"{self.where}: option 'header-file'")
+        else:
+            read, header_size = self.file.read, self.file.node.size
+        volume = await l2.load(
+            read, header_size, self.file.node.size, self.where, detached=header_file is not None
+        )
+        seg = volume.segment
+        key_bytes = max((k.key_size for k in volume.meta.keyslots.values()), default=64)
+        try:  # the cipher is checked before any key derivation, with a stand-in key
+            cipher_name, cipher_mode = split_cipher_spec(seg.encryption)
+            make_sector_cipher(cipher_name, cipher_mode, bytes(key_bytes), seg.sector_size)
+        except CipherSpecError as e:
+            raise OpenError(f"{self.where}: LUKS2 segment: {e}") from None
+        passphrase = await self._passphrase()
+        self._slot, master_key = await l2.unlock(read, volume, passphrase, self.where)
+        self._cipher = make_sector_cipher(cipher_name, cipher_mode, master_key, seg.sector_size)
+        del master_key, passphrase
+        self._luks2 = volume
+        self._payload = seg.offset
+        self._sector = seg.sector_size
+        self._iv_tweak = seg.iv_tweak
 
     def _update_size(self) -> None:
-        self.size = (self.file.node.size - self._payload) // SECTOR * SECTOR
+        if self._luks2 is not None:
+            self.size = self._luks2.data_size(self.file.node.size)
+        else:
+            self.size = (self.file.node.size - self._payload) // SECTOR * SECTOR
 
     async def close(self) -> None:
         self._cipher = None
@@ -250,7 +273,7 @@ class LuksNode(Node):
         cipher = self._cipher
         if cipher is None:
             raise NotSupported(f"{self.where} is closed")
-        sector = offset // SECTOR
+        sector = offset // SECTOR + self._iv_tweak  # IVs count 512-byte units (cipher.py)
         if len(data) < THREAD_MIN_BYTES:
             return cipher.encrypt(sector, data) if encrypting else cipher.decrypt(sector, data)
         self._threaded += 1
@@ -259,7 +282,9 @@ class LuksNode(Node):
             # Alone, a request takes every worker; with others in the pool the
             # workers are busy anyway and pieces would only add hand-offs.
             if self._in_pool == 1:
-                pieces = sector_pieces(len(data), self._pool.max_workers, PIECE_MIN_BYTES)
+                pieces = sector_pieces(
+                    len(data), self._pool.max_workers, PIECE_MIN_BYTES, self._sector
+                )
                 if len(pieces) > 1:
                     return await self._crypt_pieces(cipher, encrypting, sector, data, pieces)
             run = cipher.encrypt if encrypting else cipher.decrypt
@@ -328,22 +353,38 @@ class LuksNode(Node):
         )
 
     async def truncate(self, size: int) -> None:
-        if size % SECTOR:
-            raise NotSupported(f"{self.where}: the size must be a multiple of {SECTOR} bytes")
+        if self._luks2 is not None and self._luks2.segment.size is not None:
+            raise NotSupported(
+                f"{self.where}: the LUKS2 data segment has a fixed size; it cannot be resized"
+            )
+        if size % self._sector:
+            raise NotSupported(f"{self.where}: the size must be a multiple of {self._sector} bytes")
         await self.file.truncate(self._payload + size)
         self._update_size()
 
     # -- introspection -------------------------------------------------------------------
 
+    def _dump(self) -> str:
+        if self._luks2 is not None:
+            return "".join(f"{k}: {v}\n" for k, v in self._luks2.info().items())
+        return lh.dump(self.header)
+
     def controls(self) -> dict[str, Control]:
         return {
             "header": Control(
-                read=lambda: lh.dump(self.header),
+                read=self._dump,
                 help="the LUKS header, as cryptsetup luksDump shows it (no secrets)",
             )
         }
 
     def driver_stats(self) -> dict[str, Any]:
+        if self._luks2 is not None:
+            return {
+                **self._luks2.info(),
+                "unlocked_key_slot": self._slot,
+                "threaded_requests": self._threaded,
+                "split_requests": self._split,
+            }
         hdr = self.header
         return {
             "cipher": hdr.cipher,
