@@ -1,6 +1,6 @@
 """The one copy loop: chunked, range-locked, pausing while the disk drains.
 
-Commit, stream, a quorum's resync and scrub, and copy-on-read all move data
+Commit, stream, a quorum's replace and scrub, and copy-on-read all move data
 the same way (QEMU's block-copy.c is the model): a list of ranges is cut into
 chunks; for each chunk the loop
 
@@ -8,9 +8,10 @@ chunks; for each chunk the loop
                              waits for the chunk, and the next chunk waits
                              for the drain to end
     locks the range          exclusively, on the lock guest writes to the
-                             same bytes take shared (or, in a quorum, the
-                             node's own write lock), so a copy never
-                             overwrites newer guest data
+                             same bytes take shared (a CopyGate hooked on the
+                             edges they pass), so a copy never overwrites
+                             newer guest data (a quorum's scrub step takes
+                             the node's own write lock itself)
     does the work            `step(offset, length)`: the caller's (copy,
                              check-then-copy, vote-and-repair)
     counts progress          then yields: guest requests and cancellation
