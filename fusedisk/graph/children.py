@@ -172,8 +172,8 @@ class ReplaceJob(Job):
             raise JobError(f"node '{node.name}': replace: {e}") from None
         self.txn.undo_later(partial(self.graph.remove_node, spare))
         self.claimed.extend(walk(spare))
-        check_spare(node, spare)
         self.spare, self.slot = spare, find_child(node, self.old_ref)
+        check_spare(node, spare)
         self.errors_before = spare.stats.write_errors()
         self.temp = temp = self.set.add_child(spare, f"{self.slot.name}.new", False)
         self.txn.undo_later(self._del_temp)
