@@ -65,7 +65,9 @@ class QuorumChildren:
         q.child_state[name] = state
         edge = Edge(q, name, Role.CHILDREN, node)
         q.children[name] = edge
-        q.children = dict(sorted(q.children.items(), key=lambda item: slot_order(item[0])))
+        ordered = sorted(q.children.items(), key=lambda item: slot_order(item[0]))
+        q.children.clear()  # in place: the dict is the node's, others may hold it
+        q.children.update(ordered)
         return edge
 
     def del_child(self, edge: Edge) -> None:
