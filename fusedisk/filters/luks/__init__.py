@@ -10,7 +10,8 @@
 - luks2_volume.py   a LUKS2 volume: load (copy, metadata, segment) and unlock
 - luks2_manage.py   writing LUKS2: format, add a key slot, remove one
 - keys.py           passphrase sources: key file, environment (scrubbed), terminal
-- cipher.py         sector ciphers as dm-crypt and QEMU apply them, whole requests at once
+- describe.py       what `fusedisk info` shows of a LUKS header
+- cipher/           sector ciphers as dm-crypt and QEMU apply them, whole requests at once
 - node.py           the driver: picks the version, encrypts and decrypts requests
 """
 

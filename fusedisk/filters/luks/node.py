@@ -15,7 +15,7 @@ and implements every request itself.  A snapshot passes below it
 (graph_op PASS): the overlays then store ciphertext.
 
 The on-disk formats live in luks1_*.py and luks2_*.py (keyslot_crypto.py: what
-both share), the sector cipher in cipher.py, key sources in keys.py; this file
+both share), the sector ciphers in cipher/, key sources in keys.py; this file
 is the glue: open, requests.
 Neither the passphrase nor the master key is kept in options, shown,
 logged or put in a message; only the sector cipher holds the key.
@@ -271,7 +271,7 @@ class LuksNode(Node):
         cipher = self._cipher
         if cipher is None:
             raise NotSupported(f"{self.where} is closed")
-        sector = offset // SECTOR + self._iv_tweak  # IVs count 512-byte units (cipher.py)
+        sector = offset // SECTOR + self._iv_tweak  # IVs count 512-byte units (cipher/xts.py)
         if len(data) < THREAD_MIN_BYTES:
             return cipher.encrypt(sector, data) if encrypting else cipher.decrypt(sector, data)
         self._threaded += 1
