@@ -101,7 +101,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
+    # one function per sub-command adds its arguments, in the order --help lists them
+    _register_format(actions)
+    _register_add_key(actions)
+    _register_remove_key(actions)
+    _register_dump(actions)
 
+
+def _register_format(actions: argparse._SubParsersAction) -> None:
     f = actions.add_parser(
         "format", help="write a new LUKS header (--version 1 or 2) with one key slot"
     )
@@ -136,6 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_luks2_kdf(f)
     f.set_defaults(func=run)
 
+
+def _register_add_key(actions: argparse._SubParsersAction) -> None:
     a = actions.add_parser("add-key", help="add a passphrase in a free key slot")
     _add_target(a)
     _add_key_source(a, "", "existing passphrase")
@@ -145,6 +154,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_luks2_kdf(a)
     a.set_defaults(func=run)
 
+
+def _register_remove_key(actions: argparse._SubParsersAction) -> None:
     r = actions.add_parser(
         "remove-key",
         help="remove the key slot a passphrase opens, or a given slot",
@@ -162,6 +173,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.set_defaults(func=run)
 
+
+def _register_dump(actions: argparse._SubParsersAction) -> None:
     d = actions.add_parser("dump", help="show the header (no key needed)")
     _add_target(d)
     d.set_defaults(func=run)
