@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from fusedisk.errors import ControlError, NotSupported
+from fusedisk.graph.bitmaps import BitmapSet
 from fusedisk.graph.driver_slots import DriverSlots
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent, Status
@@ -160,6 +161,8 @@ class Node(DriverSlots):
     makes_overlays: ClassVar[bool] = False
     #: a format that can make itself standalone at the end of a stream (`drop_backing`)
     drops_backing: ClassVar[bool] = False
+    #: a format that keeps bitmaps in its image (`store_bitmaps`)
+    persistent_bitmaps: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -177,6 +180,8 @@ class Node(DriverSlots):
         self.size = 0
         self.request_alignment = 1
         self.read_only: bool = bool(self.options.get("read-only", False))
+        #: dirty bitmaps the edges above mark on every write (graph/bitmaps.py)
+        self.bitmaps = BitmapSet(name)
         for slot in self.child_slots:
             child = children.get(slot.name)
             if child is None:
@@ -234,12 +239,19 @@ class Node(DriverSlots):
     @classmethod
     def create_overlay(cls, path: Path, size: int, backing: str, backing_format: str) -> None:
         """Create an empty image at `path` over `backing` (a path relative to its
-        folder), for a snapshot or a revert; formats with `makes_overlays` implement it."""
+        folder), for a snapshot or a revert, or standalone if `backing` is empty (a
+        full backup's target); formats with `makes_overlays` implement it."""
         raise NotSupported(f"driver '{cls.driver}' cannot create an overlay")
 
     async def drop_backing(self) -> None:
         """Make the image standalone (its header names no backing file any more)."""
         raise NotSupported(f"node '{self.name}' ({self.driver}) cannot drop its backing file")
+
+    async def store_bitmaps(self) -> None:
+        """Write the persistent bitmaps' names and flags to the image now (marked in
+        use while it is open), after one was added or removed; formats with
+        `persistent_bitmaps` implement it."""
+        raise NotSupported(f"node '{self.name}' ({self.driver}) cannot keep persistent bitmaps")
 
     def child_set(self) -> ChildSet | None:
         """The fan-out capability (quorum): children that can be scrubbed and replaced."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 import ssl
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from fusedisk.export.nbd import meta
 from fusedisk.export.nbd import protocol as p
 from fusedisk.export.nbd.connection import Connection
 from fusedisk.graph.disk import Disk
@@ -35,6 +36,8 @@ class Session:
     disk: Disk
     structured: bool
     base_allocation: bool  # block status may be asked
+    #: qemu:dirty-bitmap contexts: id -> bitmap name (export/nbd/meta.py)
+    bitmaps: dict[int, str] = field(default_factory=dict)
 
 
 def export_flags(disk: Disk, structured: bool) -> int:
@@ -73,7 +76,8 @@ class Negotiation:
         self.encrypted = False
         self.structured = False
         self.no_zeroes = False
-        self.meta_export: str | None = None  # export for which base:allocation was set
+        self.meta_export: str | None = None  # export for which meta contexts were set
+        self.meta_contexts: list[str] = []  # the contexts set, in order (meta.py)
 
     async def run(self) -> Session | None:
         """Negotiate; None if the client aborted."""
@@ -203,22 +207,35 @@ class Negotiation:
             await self.reply(option, p.REP_ERR_UNKNOWN, message.encode())
             return
         listing = option == p.OPT_LIST_META_CONTEXT
-        wanted = any(
-            q == p.META_BASE_ALLOCATION or (listing and q in ("base:", "base"))
-            for q in request.queries
-        ) or (listing and not request.queries)
+        disk = find_disk(self.disks, request.export)
+        assert disk is not None
+        chosen = meta.select(disk, request.queries, listing)
         if option == p.OPT_SET_META_CONTEXT:
-            self.meta_export = request.export if wanted else None
-        if wanted:
+            self.meta_export = request.export if chosen else None
+            self.meta_contexts = chosen
+        for i, name in enumerate(chosen):
+            context_id = 0 if listing else _context_id(chosen, i)
             await self.reply(
-                option,
-                p.REP_META_CONTEXT,
-                struct.pack(">I", BASE_ALLOCATION_ID) + p.META_BASE_ALLOCATION.encode(),
+                option, p.REP_META_CONTEXT, struct.pack(">I", context_id) + name.encode()
             )
         await self.reply(option, p.REP_ACK)
 
     def session(self, name: str, disk: Disk) -> Session:
-        meta = self.structured and self.meta_export is not None
-        if meta and find_disk(self.disks, self.meta_export or "") is not disk:
-            meta = False
-        return Session(name or disk.name, disk, self.structured, meta)
+        has_meta = self.structured and self.meta_export is not None
+        if has_meta and find_disk(self.disks, self.meta_export or "") is not disk:
+            has_meta = False
+        contexts = self.meta_contexts if has_meta else []
+        bitmaps = {}
+        for i, context in enumerate(contexts):
+            bitmap = meta.bitmap_name(context)
+            if bitmap is not None:
+                bitmaps[_context_id(contexts, i)] = bitmap
+        base = meta.BASE_ALLOCATION in contexts
+        return Session(name or disk.name, disk, self.structured, base, bitmaps)
+
+
+def _context_id(contexts: list[str], i: int) -> int:
+    """base:allocation is 1; the others count from 2 in the order they were set."""
+    if contexts[i] == meta.BASE_ALLOCATION:
+        return BASE_ALLOCATION_ID
+    return 2 + sum(1 for c in contexts[:i] if c != meta.BASE_ALLOCATION)

@@ -326,9 +326,11 @@ def error_chunk(cookie: int, error: int, message: str) -> bytes:
     return chunk_header(cookie, REPLY_TYPE_ERROR, len(payload), True) + payload
 
 
-def block_status_chunk(cookie: int, context: int, extents: list[tuple[int, int]]) -> bytes:
-    """`extents` as (length, base:allocation flags) pairs."""
+def block_status_chunk(
+    cookie: int, context: int, extents: list[tuple[int, int]], done: bool = True
+) -> bytes:
+    """`extents` as (length, flags) pairs of one meta context; `done` on the last chunk."""
     payload = struct.pack(">I", context) + b"".join(
         struct.pack(">II", length, flags) for length, flags in extents
     )
-    return chunk_header(cookie, REPLY_TYPE_BLOCK_STATUS, len(payload), True) + payload
+    return chunk_header(cookie, REPLY_TYPE_BLOCK_STATUS, len(payload), done) + payload

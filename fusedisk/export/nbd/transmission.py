@@ -21,6 +21,7 @@ import struct
 import trio
 
 from fusedisk.errors import FuseDiskError, to_errno
+from fusedisk.export.nbd import meta
 from fusedisk.export.nbd import protocol as p
 from fusedisk.export.nbd.connection import ClientGone, Connection
 from fusedisk.export.nbd.handshake import BASE_ALLOCATION_ID, Session
@@ -201,8 +202,26 @@ class Transmission:
         return covered >= req.length
 
     async def _block_status(self, req: p.Request) -> None:
-        if not self.session.base_allocation:
-            raise RequestError(p.EINVAL, "block status needs the base:allocation context")
+        """One chunk per meta context the client set, sent together (export/nbd/meta.py)."""
+        session = self.session
+        if not session.base_allocation and not session.bitmaps:
+            raise RequestError(p.EINVAL, "block status needs a meta context (base:allocation "
+                               "or qemu:dirty-bitmap:NAME)")  # fmt: skip
+        chunks = []
+        if session.base_allocation:
+            chunks.append((BASE_ALLOCATION_ID, await self._allocation(req)))
+        for context_id, name in session.bitmaps.items():
+            pairs = meta.dirty_extents(self.disk, name, req.offset, req.length)
+            if pairs is None:
+                raise RequestError(p.EINVAL, f"bitmap '{name}' is gone")
+            chunks.append((context_id, pairs[:1] if req.flags & p.CMD_FLAG_REQ_ONE else
+                           pairs[:MAX_EXTENTS]))  # fmt: skip
+        last = len(chunks) - 1
+        await self.conn.send(b"".join(p.block_status_chunk(req.cookie, cid, pairs, i == last)
+                                      for i, (cid, pairs) in enumerate(chunks)))  # fmt: skip
+
+    async def _allocation(self, req: p.Request) -> list[tuple[int, int]]:
+        """base:allocation's (length, flags) pairs."""
         extents = await self.disk.block_status(req.offset, req.length)
         pairs: list[tuple[int, int]] = []
         for ext in extents:
@@ -218,4 +237,4 @@ class Transmission:
         pairs = pairs[:1] if req.flags & p.CMD_FLAG_REQ_ONE else pairs[:MAX_EXTENTS]
         if not pairs:
             raise RequestError(p.EIO, "the disk reported no extents")
-        await self.conn.send(p.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, pairs))
+        return pairs

@@ -34,7 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 import trio
 
-from fusedisk.errors import CorruptImage, NotSupported, OpenError
+from fusedisk.errors import CorruptImage, NotSupported, OpenError, ReadOnly
+from fusedisk.formats.qcow2.bitmaps import BitmapStore
 from fusedisk.formats.qcow2.compress import decompress_cluster
 from fusedisk.formats.qcow2.layout import (
     ALL_SUBCLUSTERS,
@@ -73,6 +74,7 @@ from fusedisk.formats.qcow2.mapping import (
 )
 from fusedisk.formats.qcow2.refcount import MetaIO, Refcounts
 from fusedisk.formats.qcow2.snapshots import Snapshot, read_snapshot_table
+from fusedisk.graph.bitmaps import BitmapSet
 from fusedisk.graph.extents import Extent, Status, merge_extents
 
 _DEFAULT_L2_CACHE = 32 << 20  # at most; by default just enough to map the whole disk
@@ -112,10 +114,13 @@ class Qcow2Image:
         backing: Callable[[], HostFile | None],
         l2_cache_size: int | None,
         refcount_cache_size: int,
+        bitmaps: BitmapSet | None = None,
     ) -> None:
         """`name` is the node's, for messages; `path` names the image file in them.
 
         `backing` is asked at each use: the graph attaches and detaches it at run time.
+        `bitmaps` (the node's) receives the image's persistent bitmaps at open and is
+        what a store writes (bitmaps.py).
         """
         self.name = name
         self.path = path
@@ -141,6 +146,8 @@ class Qcow2Image:
         #: clusters whose refcount reached 0, to hand back to the host file after a flush
         self._freed: list[int] = []
         self._meta_array: np.ndarray | None = None
+        self.bitmaps = bitmaps if bitmaps is not None else BitmapSet(name)
+        self.bitmap_store = BitmapStore(self)
 
     # -- opening ------------------------------------------------------------------
 
@@ -229,6 +236,7 @@ class Qcow2Image:
             if off:
                 await self.map.table(off)
         self.size = h.size
+        await self.bitmap_store.load(self.bitmaps)
 
     def _check_pointer(self, table: str, i: int, off: int, fsize: int, meta: set[int]) -> None:
         cs = self.cs
@@ -277,6 +285,7 @@ class Qcow2Image:
         else:
             await self.file.flush()
         self.writing = True
+        await self.bitmap_store.store(self.bitmaps, in_use=True)
 
     async def _set_incompat(self, bits: int) -> None:
         self.h.incompatible = bits
@@ -289,6 +298,7 @@ class Qcow2Image:
             return
         self.writing = False
         async with self._meta_lock:
+            await self.bitmap_store.store(self.bitmaps, in_use=False)
             await self.writeback()
             if self.h.version >= 3:
                 await self._set_incompat(self.h.incompatible & ~INCOMPAT_DIRTY)
@@ -303,6 +313,14 @@ class Qcow2Image:
             )
         async with self._meta_lock:
             await self.start_writing()
+
+    async def store_bitmaps(self) -> None:
+        """Write the persistent bitmaps now, marked in use (one was added or removed)."""
+        if not self.writing:
+            raise ReadOnly(f"node '{self.name}': {self.where} is read-only: its bitmaps "
+                           "cannot change")  # fmt: skip
+        async with self._meta_lock:
+            await self.bitmap_store.store(self.bitmaps, in_use=True)
 
     async def drop_backing(self) -> None:
         """Make the image standalone: its header names no backing file any more.

@@ -31,7 +31,7 @@ COMPAT_LAZY_REFCOUNTS = 1 << 0
 # autoclear_features
 AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
-AUTOCLEAR_KNOWN = AUTOCLEAR_DATA_FILE_RAW  # bitmaps are not maintained: cleared on write
+AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW  # bitmaps: formats/qcow2/bitmaps.py
 
 INCOMPAT_NAMES = {
     0: "dirty bit",
@@ -111,6 +111,8 @@ class Header:
     backing_format: str | None = None
     data_file: str | None = None
     has_bitmaps: bool = False
+    #: the bitmaps extension's bytes (formats/qcow2/bitmaps.py reads them)
+    bitmaps_ext: bytes = b""
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
 
     @property
@@ -307,6 +309,7 @@ def _parse_extensions(h: Header, buf: bytes, pos: int, where: str) -> None:
                 h.feature_names[(kind, bit)] = name
         elif ext_type == EXT_BITMAPS:
             h.has_bitmaps = True
+            h.bitmaps_ext = bytes(data)
         pos = data_at + (length + 7) // 8 * 8
 
 
