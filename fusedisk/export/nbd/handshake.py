@@ -4,7 +4,9 @@ Options are answered one by one until NBD_OPT_GO (or the old
 NBD_OPT_EXPORT_NAME) picks a disk, or the client aborts.  A malformed option
 payload gets NBD_REP_ERR_INVALID and the negotiation goes on (the payload was
 read whole, so the stream is still in step); a bad magic, unknown client
-flags or an oversized option end the connection.
+flags or an oversized option end the connection, and so does an
+NBD_OPT_EXPORT_NAME that cannot be granted (HangUp: that option has no error
+reply, and a client would read one as the export's size).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ BASE_ALLOCATION_ID = 1
 PREFERRED_BLOCK = 4096
 
 
-class TLSFailed(p.ProtocolError):
+class HangUp(p.ProtocolError):
+    """The connection ends here, with no option reply (one would be misread)."""
+
+
+class TLSFailed(HangUp):
     """The TLS handshake failed: the stream is unusable, the connection ends."""
 
 
@@ -103,7 +109,7 @@ class Negotiation:
             data = await self.conn.receive_exactly(length)
             try:
                 session = await self.option(option, data)
-            except TLSFailed:
+            except HangUp:
                 raise
             except p.ProtocolError as e:
                 await self.reply(option, p.REP_ERR_INVALID, str(e).encode())
@@ -123,7 +129,7 @@ class Negotiation:
             return None
         if self.tls is not None and not self.encrypted:
             if option == p.OPT_EXPORT_NAME:
-                raise p.ProtocolError("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
+                raise HangUp("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
             await self.reply(option, p.REP_ERR_TLS_REQD, b"this server requires TLS first")
             return None
         if option == p.OPT_EXPORT_NAME:
@@ -167,11 +173,15 @@ class Negotiation:
         self.meta_export = None
 
     async def export_name(self, data: bytes) -> Session:
-        name = p.parse_export_name(data)
+        try:
+            name = p.parse_export_name(data)
+        except p.ProtocolError as e:
+            raise HangUp(str(e)) from None
         disk = find_disk(self.disks, name)
         if disk is None:
-            # this old option has no error reply: the spec says to hang up
-            raise p.ProtocolError(f"no disk named {name!r}")
+            # this old option has no error reply: the spec says to hang up (a client
+            # would read an option reply's magic as the export's size)
+            raise HangUp(f"NBD_OPT_EXPORT_NAME: no disk named {name!r}")
         tail = b"" if self.no_zeroes else bytes(124)
         await self.conn.send(
             struct.pack(">QH", disk.size, export_flags(disk, self.structured)) + tail
