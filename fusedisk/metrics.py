@@ -228,6 +228,14 @@ def _task(out: Exposition, prefix: str, labels: Labels, doc: dict[str, Any], wha
 # -- the whole mount ----------------------------------------------------------------------
 
 
+def _node_tasks(out: Exposition, graph: Graph, node: Node, labels: dict[str, str]) -> None:
+    """A fan-out node's scrub or replace (graph jobs it owns)."""
+    for (owner, kind), job in graph.jobs.last_owned.items():
+        if owner == node.name:
+            task = {**labels, "task": kind}
+            _task(out, "fusedisk_node_task", task, job.as_dict(), f"the node's '{kind}' task")
+
+
 def render(graph: Graph) -> str:
     out = Exposition()
     out.add(
@@ -276,12 +284,7 @@ def render(graph: Graph) -> str:
                 )  # fmt: skip
             _node_reports(out, node, node_labels)
             _bitmaps(out, node)
-            for (owner, kind), job in graph.jobs.last_owned.items():
-                if owner == node.name:  # a fan-out node's scrub or replace (graph jobs)
-                    task = {**node_labels, "task": kind}
-                    _task(
-                        out, "fusedisk_node_task", task, job.as_dict(), f"the node's '{kind}' task"
-                    )
+            _node_tasks(out, graph, node, node_labels)
     for (section, name), obj in graph.shared_objects.items():
         for key, number in numbers(obj.stats_dict()):
             out.add(
