@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from fusedisk.filters.luks import cipher as sc
 from fusedisk.filters.luks import node as luks_driver
-from fusedisk.filters.luks.cipher import make_sector_cipher, split_cipher_spec
+from fusedisk.filters.luks.cipher import SECTOR, make_sector_cipher, split_cipher_spec
+from fusedisk.filters.luks.cipher.base import CHUNK_SECTORS
+from fusedisk.filters.luks.cipher.gf128 import expand_tweaks
+from fusedisk.filters.luks.cipher.xts import XtsCipher
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import parse_spec
 
@@ -69,11 +71,11 @@ def cpu_us(fn: Callable[[], object], repeat: int = 200) -> float:
 def xts_stages() -> dict[str, float]:
     """CPU µs per 1 MiB of each stage of XtsCipher._chunk, in its order."""
     cipher = make_sector_cipher("aes", "xts-plain64", os.urandom(64))
-    assert isinstance(cipher, sc.XtsCipher)
+    assert isinstance(cipher, XtsCipher)
     ws = cipher._local
-    n = sc.CHUNK_SECTORS
-    per_mib = MiB // (n * sc.SECTOR)
-    src = np.frombuffer(os.urandom(n * sc.SECTOR), dtype="<u8")
+    n = CHUNK_SECTORS
+    per_mib = MiB // (n * SECTOR)
+    src = np.frombuffer(os.urandom(n * SECTOR), dtype="<u8")
     dst = np.empty_like(src)
     ivs = cipher._ivgen.ivs(0, n)
     tweak_ecb = cipher._context(ws, "tweak", cipher._k2, True)
@@ -82,7 +84,7 @@ def xts_stages() -> dict[str, float]:
     aes = cipher._stream_context(ws, True)
     stages: dict[str, Callable[[], object]] = {
         "IVs and their ECB pass": lambda: tweak_ecb.update(cipher._ivgen.ivs(0, n).tobytes()),
-        "tweak expansion": lambda: sc.expand_tweaks(first, ws.tweaks, ws.work),
+        "tweak expansion": lambda: expand_tweaks(first, ws.tweaks, ws.work),
         "XOR in": lambda: np.bitwise_xor(src, flat, out=ws.masked),
         "XTS (OpenSSL)": lambda: aes.update_into(ws.masked.view(np.uint8).data, ws.ecb_out),
         "XOR out": lambda: np.bitwise_xor(ws.ecb_view, flat, out=dst),

@@ -13,6 +13,8 @@ when the file is read, from what the control tree shows anyway:
     fusedisk_node_state{node,state}           a node's health, where its `status` shows one
     fusedisk_node_child_state{node,child,child_node,state}   ... and its children's
     fusedisk_node_task_*{node,task}           background work a node's controls report
+    fusedisk_node_bitmap_dirty_bytes{node,bitmap}   each dirty bitmap (docs/backup.md);
+                                              _enabled, _inconsistent: 0 or 1
     fusedisk_shared_<counter>{section,name}   shared objects (throttle groups)
 
 Nodes are known only through the Node API: what a node offers (numeric driver
@@ -191,6 +193,19 @@ def _node_reports(out: Exposition, node: Node, labels: Labels) -> None:
             _task(out, "fusedisk_node_task", task, doc, f"the node's '{control}' task")
 
 
+def _bitmaps(out: Exposition, node: Node) -> None:
+    """A node's dirty bitmaps: how much each marks, and whether it is usable."""
+    for bitmap in node.bitmaps:
+        labels = {"node": node.name, "bitmap": bitmap.name}
+        out.add("fusedisk_node_bitmap_dirty_bytes", "gauge", "bytes a dirty bitmap marks",
+                labels, bitmap.count())  # fmt: skip
+        out.add("fusedisk_node_bitmap_enabled", "gauge", "1 while writes mark the bitmap",
+                labels, int(bitmap.enabled))  # fmt: skip
+        out.add("fusedisk_node_bitmap_inconsistent", "gauge",
+                "1 for a bitmap not stored cleanly (a crash): never trusted", labels,
+                int(bitmap.inconsistent))  # fmt: skip
+
+
 def _task(out: Exposition, prefix: str, labels: Labels, doc: dict[str, Any], what: str) -> None:
     """A job or task document: state, progress, bytes done and to do, elapsed time."""
     state = str(doc.get("state", "none"))
@@ -211,6 +226,14 @@ def _task(out: Exposition, prefix: str, labels: Labels, doc: dict[str, Any], wha
 
 
 # -- the whole mount ----------------------------------------------------------------------
+
+
+def _node_tasks(out: Exposition, graph: Graph, node: Node, labels: dict[str, str]) -> None:
+    """A fan-out node's scrub or replace (graph jobs it owns)."""
+    for (owner, kind), job in graph.jobs.last_owned.items():
+        if owner == node.name:
+            task = {**labels, "task": kind}
+            _task(out, "fusedisk_node_task", task, job.as_dict(), f"the node's '{kind}' task")
 
 
 def render(graph: Graph) -> str:
@@ -260,12 +283,8 @@ def render(graph: Graph) -> str:
                     f"the driver's {name} (its stats file)", node_labels, number,
                 )  # fmt: skip
             _node_reports(out, node, node_labels)
-            for (owner, kind), job in graph.jobs.last_owned.items():
-                if owner == node.name:  # a fan-out node's scrub or replace (graph jobs)
-                    task = {**node_labels, "task": kind}
-                    _task(
-                        out, "fusedisk_node_task", task, job.as_dict(), f"the node's '{kind}' task"
-                    )
+            _bitmaps(out, node)
+            _node_tasks(out, graph, node, node_labels)
     for (section, name), obj in graph.shared_objects.items():
         for key, number in numbers(obj.stats_dict()):
             out.add(

@@ -44,13 +44,20 @@ def nbd_uri(sock: Path, disk: str = "vm0") -> str:
 class Server:
     """`fusedisk serve --nbd unix:SOCK SPEC` in a subprocess, always stopped."""
 
-    def __init__(self, spec: Path, sock: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        spec: Path,
+        sock: Path,
+        extra: tuple[str, ...] = (),
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> None:
         self.spec = spec
         self.sock = sock
         self.log_path = sock.with_suffix(".log")
         cmd = [sys.executable, "-m", "fusedisk", "serve", "--nbd", f"unix:{sock}",
                "--log-file", str(self.log_path), *extra, str(spec)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec_fn)  # fmt: skip
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
         line = self.proc.stdout.readline().decode() if ready else ""

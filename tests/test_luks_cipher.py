@@ -14,19 +14,18 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusedisk.filters.luks import cipher as sector_cipher
 from fusedisk.filters.luks.cipher import (
     CipherSpecError,
-    XtsCipher,
-    expand_tweaks,
     make_sector_cipher,
     sector_pieces,
     split_cipher_spec,
-    times_alpha_power,
 )
+from fusedisk.filters.luks.cipher.base import CHUNK_SECTORS
+from fusedisk.filters.luks.cipher.gf128 import expand_tweaks, times_alpha_power
+from fusedisk.filters.luks.cipher.xts import XtsCipher
 
 SECTOR = 512
-CHUNK = sector_cipher.CHUNK_SECTORS
+CHUNK = CHUNK_SECTORS
 # Sector counts around the boundaries: one sector, a pass of the cipher, 1 MiB, more.
 COUNTS = [1, 2, 7, CHUNK - 1, CHUNK, CHUNK + 1, 2048, 2 * CHUNK + 3]
 FIRST_SECTORS = [0, 1, 4095, 2**32 - 2, 2**32 + 7, 2**48 + 3, 2**64 - 4000]

@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from fusedisk.cli import main
-from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import luks1_header as lh
+from fusedisk.filters.luks import luks1_keyslot
 from fusedisk.graph.graph import Graph
 from fusedisk.graph.registry import drivers
 from fusedisk.spec import load_spec
@@ -47,7 +48,7 @@ def opens(image: Path, key: Path) -> int | None:
         slot = hdr.slots[i]
         start = slot.key_offset * 512
         material = raw[start : start + hdr.material_size(slot)]
-        if lh.open_key_slot(hdr, i, key.read_bytes(), material) is not None:
+        if luks1_keyslot.open_key_slot(hdr, i, key.read_bytes(), material) is not None:
             return i
     return None
 

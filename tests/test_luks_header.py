@@ -9,14 +9,15 @@ import struct
 import pytest
 
 from fusedisk.errors import CorruptImage, OpenError
-from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import keyslot_crypto, luks1_keyslot, luks1_manage
+from fusedisk.filters.luks import luks1_header as lh
 
 MiB = 1 << 20
 
 
 def fresh(key_bytes: int = 64, cipher: str = "aes-xts-plain64", hash_name: str = "sha256"):
-    hdr, mk = lh.new_header(cipher, key_bytes, hash_name, 1000)
-    slot, material = lh.seal_key_slot(hdr, 0, b"pass", mk, 1000)
+    hdr, mk = luks1_manage.new_header(cipher, key_bytes, hash_name, 1000)
+    slot, material = luks1_keyslot.seal_key_slot(hdr, 0, b"pass", mk, 1000)
     hdr.slots[0] = slot
     return hdr, mk, material
 
@@ -43,13 +44,13 @@ def test_layout_is_cryptsetups(key_bytes, payload):
 @pytest.mark.parametrize("key_bytes", [16, 32, 64])
 def test_af_split_and_merge_are_inverse(hash_name, key_bytes):
     key = bytes(range(key_bytes))
-    split = lh.af_split(key, 4000, hash_name)
+    split = keyslot_crypto.af_split(key, 4000, hash_name)
     assert len(split) == key_bytes * 4000
-    assert lh.af_merge(split, key_bytes, 4000, hash_name) == key
+    assert keyslot_crypto.af_merge(split, key_bytes, 4000, hash_name) == key
     # Losing any one stripe loses the key.
     damaged = bytearray(split)
     damaged[key_bytes * 1234] ^= 1
-    assert lh.af_merge(bytes(damaged), key_bytes, 4000, hash_name) != key
+    assert keyslot_crypto.af_merge(bytes(damaged), key_bytes, 4000, hash_name) != key
 
 
 def test_diffuse_hashes_each_digest_sized_piece_with_its_index():
@@ -58,24 +59,24 @@ def test_diffuse_hashes_each_digest_sized_piece_with_its_index():
         hashlib.sha256(b"\0\0\0\0" + block[:32]).digest()
         + hashlib.sha256(b"\0\0\0\1" + block[32:]).digest()[:18]
     )
-    assert lh.diffuse(block, "sha256") == expected
+    assert keyslot_crypto.diffuse(block, "sha256") == expected
 
 
 def test_a_key_slot_opens_with_its_passphrase_only():
     hdr, mk, material = fresh()
-    assert lh.open_key_slot(hdr, 0, b"pass", material) == mk
-    assert lh.open_key_slot(hdr, 0, b"Pass", material) is None
+    assert luks1_keyslot.open_key_slot(hdr, 0, b"pass", material) == mk
+    assert luks1_keyslot.open_key_slot(hdr, 0, b"Pass", material) is None
     assert len(material) == hdr.material_size(hdr.slots[0]) == 500 * 512
 
 
 @pytest.mark.parametrize("cipher", ["aes-cbc-essiv:sha256", "aes-cbc-plain64"])
 def test_key_slots_work_with_cbc_ciphers(cipher):
     hdr, mk, material = fresh(32, cipher, "sha1")
-    assert lh.open_key_slot(hdr, 0, b"pass", material) == mk
+    assert luks1_keyslot.open_key_slot(hdr, 0, b"pass", material) == mk
 
 
 def test_calibration_gives_at_least_cryptsetups_minimum():
-    slot, digest = lh.calibrate("sha256", 32, 1)
+    slot, digest = luks1_keyslot.calibrate("sha256", 32, 1)
     assert slot >= lh.MIN_ITERATIONS and digest >= lh.MIN_ITERATIONS
 
 
@@ -119,7 +120,7 @@ def test_damaged_headers_are_refused_with_a_reason(change, error, message):
 
 def test_overlapping_key_slots_are_refused():
     hdr, mk, _ = fresh()
-    hdr.slots[1], _ = lh.seal_key_slot(hdr, 1, b"two", mk, 1000)
+    hdr.slots[1], _ = luks1_keyslot.seal_key_slot(hdr, 1, b"two", mk, 1000)
     hdr.slots[1].key_offset = hdr.slots[0].key_offset + 8
     with pytest.raises(CorruptImage, match="key slots 0 and 1 overlap"):
         lh.parse_header(hdr.pack(), 4 * MiB, "x")

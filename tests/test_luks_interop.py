@@ -22,7 +22,8 @@ import trio
 
 from fusedisk.cli import main
 from fusedisk.errors import OpenError
-from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import keyslot_crypto
+from fusedisk.filters.luks import luks1_header as lh
 from fusedisk.graph.graph import Graph
 from fusedisk.spec import parse_spec
 from tests.conftest import make_image, needs
@@ -235,7 +236,7 @@ def test_key_slots_added_and_removed_by_either_are_honoured_by_the_other(tmp_pat
     fusedisk_io(image, three)  # a cryptsetup slot opens in fusedisk
 
     run("cryptsetup", "luksKillSlot", "-q", "--key-file", one, image, "1")
-    with pytest.raises(lh.WrongKey):
+    with pytest.raises(keyslot_crypto.WrongKey):
         fusedisk_io(image, two)  # the slot cryptsetup killed is gone for fusedisk
 
     assert main(["luks", "remove-key", str(image), "--key-file", str(three)]) == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fusedisk.errors import CorruptImage, OpenError, ReadOnly
-from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import keyslot_crypto
 from fusedisk.filters.luks import node as luks_driver
 from fusedisk.graph.extents import Status
 from fusedisk.graph.graph import Graph
@@ -266,7 +266,7 @@ async def test_wrong_key_refuses_to_open(tmp_path, blank):
         tmp_path,
         blank,
         luks_spec(**{"key-file": '"wrong"'}),
-        lh.WrongKey,
+        keyslot_crypto.WrongKey,
         r"wrong key: no key slot accepts it \(1 active slot\(s\) tried\)",
     )
 

@@ -153,3 +153,32 @@ def test_a_client_stuck_in_negotiation_holds_nobody_up(server, good):
     other.close()
     stuck.close()
     good()
+
+
+def export_name_answer(client: RawClient, name: bytes) -> bytes:
+    """What the server sends after NBD_OPT_EXPORT_NAME, up to its hang-up (b"" if none)."""
+    client.s.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, p.OPT_EXPORT_NAME, len(name)) + name)
+    got = b""
+    while True:
+        try:
+            chunk = client.s.recv(65536)
+        except OSError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
+def test_export_name_of_an_unknown_disk_is_hung_up_on_without_a_reply(server, good):
+    """NBD_OPT_EXPORT_NAME has no error reply: the protocol says to disconnect.  An
+    option reply would be read by the client as an export size of about 1.1 PB."""
+    bad = RawClient(server.sock)
+    bad.greeting()
+    assert export_name_answer(bad, b"no-such-disk") == b""
+    bad.close()
+    bad = RawClient(server.sock)
+    bad.greeting()
+    assert export_name_answer(bad, b"\xff not utf-8") == b""
+    bad.close()
+    good()
+    assert "no disk named 'no-such-disk'" in server.log

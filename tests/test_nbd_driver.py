@@ -223,3 +223,19 @@ def test_a_disk_on_an_nbd_child_through_a_mount(tmp_path, servers, write_spec, m
               "read -P 0x3c 3M 1M", nbd_uri(sock, ""))  # fmt: skip
     assert "Pattern verification failed" not in out
     assert os.path.exists(m.path("vm0", "nodes", "remote", "stats"))
+
+
+async def test_a_server_shutting_down_fails_requests_with_eio(tmp_path, servers):
+    """A server that stops answers the requests still coming with NBD's ESHUTDOWN (nbdkit
+    and qemu-nbd do); the node's promise is EIO once the server is gone, not ESHUTDOWN."""
+    sock = tmp_path / "going.sock"
+    servers(sock, "nbdkit", "-f", "-U", sock, "--filter=error", "memory", "8M",
+            "error=ESHUTDOWN", "error-pread-rate=100%")  # fmt: skip
+    graph = await open_graph(tmp_path, nbd_spec(sock))
+    try:
+        with pytest.raises(IOFailure) as failure:
+            await graph.disks["vm0"].read(0, 4096)
+        assert failure.value.errno == errno.EIO, failure.value
+        assert "unreachable" in str(failure.value)
+    finally:
+        await graph.close()

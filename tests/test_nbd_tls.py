@@ -238,3 +238,19 @@ def test_options_before_tls_and_a_garbage_tls_handshake(tmp_path, write_spec, cr
     finally:
         server.stop()
     assert "TLS handshake failed" in server.log
+
+
+def test_export_name_before_starttls_is_hung_up_on_without_a_reply(tmp_path, write_spec, creds):
+    from tests.test_nbd_bad_clients import export_name_answer
+
+    server_dir, _ = creds
+    make_image(tmp_path / "d0.img", MiB)
+    server = Server(write_spec(raw_spec()), tmp_path / "tls.sock", ("--tls-creds", str(server_dir)))
+    try:
+        bad = RawClient(server.sock)
+        bad.greeting()
+        assert export_name_answer(bad, b"vm0") == b""
+        bad.close()
+    finally:
+        server.stop()
+    assert "before TLS" in server.log

@@ -621,6 +621,70 @@ async def test_a_replace_whose_record_fails_puts_the_failed_child_back_as_failed
     assert await top.read(0, 3) == b"new"  # a fifo read skips the stale child
 
 
+class BadStart(FlakyNode):
+    """A spare whose writes to its first block fail once `armed`."""
+
+    armed = False
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if self.armed and offset < VOTE_BLOCK:
+            raise IOFailure(f"node '{self.name}': injected write error at {offset}")
+        await super().write(offset, data)
+
+
+async def test_a_guest_write_the_spare_fails_during_the_copy_abandons_the_replace():
+    # The copy has passed offset 0, so only the guest's write reaches the spare
+    # there; the quorum takes the spare out of service and goes on, and the job
+    # must notice (the spare misses that write) rather than swap it in.
+    spare = BadStart(16 * MiB, "spare")
+    q, disk, kids = await make_quorum(size=16 * MiB, spares={"spare": spare})
+    host = HOSTS[id(q)]
+    await disk.write(0, pattern(4, 16 * MiB))
+    await ctl(q, "replace").write("children.1 spare")
+    job = host.jobs.last_owned[("q", "replace")]
+    while job.done_bytes < MiB:
+        await trio.sleep(0)
+    spare.armed = True
+    await disk.write(0, b"guest")  # the voters take it
+    assert status(q)["children"]["children.1.new"]["state"] == "failed"
+    while job.state == "running":
+        await trio.sleep(0)
+    assert job.state == "failed" and "new child 'spare' failed 1 writes" in job.error
+    assert list(q.children) == ["children.0", "children.1", "children.2"]
+    assert q.children["children.1"].node is kids[1] and host.changes == []
+    assert spare.closed and spare.parents == []
+    assert await disk.read(0, 5) == b"guest"
+
+
+async def test_the_child_set_adds_and_deletes_children_in_slot_order():
+    # What replace is made of (graph/children.py): a non-voting child is written and
+    # never read; a voter deleted and added back comes back in the state it had.
+    q, top, kids = await make_quorum()
+    cs = q.child_set()
+    spare = FlakyNode(SIZE, "spare")
+    kids[1].fail_writes = True
+    await top.write(0, b"x")
+    assert child(q, 1)["state"] == "failed"
+    with pytest.raises(ControlError, match=r"already has a child 'children\.1'"):
+        cs.add_child(spare, "children.1", True)
+    with pytest.raises(ControlError, match="has 4096 bytes"):
+        cs.add_child(FlakyNode(4096, "tiny"), "children.1.new", False)
+    temp = cs.add_child(spare, "children.1.new", False)
+    assert list(q.children) == ["children.0", "children.1", "children.1.new", "children.2"]
+    assert status(q)["children"]["children.1.new"]["state"] == "resyncing"
+    await top.write(0, b"y")
+    assert await top.read(0, 1) == b"y" and bytes(spare.buf[:1]) == b"y"
+    assert not [r for r in spare.requests if r[0] == "read"]
+    cs.del_child(q.children["children.1"])
+    assert kids[1].parents == [] and "children.1" not in status(q)["children"]
+    cs.add_child(kids[1], "children.1", True)
+    assert list(q.children) == ["children.0", "children.1", "children.1.new", "children.2"]
+    assert child(q, 1)["state"] == "failed"  # not a fresh voter: its data is stale
+    cs.del_child(temp)
+    cs.del_child(temp)  # deleting twice does nothing
+    assert spare.parents == [] and list(q.children) == ["children.0", "children.1", "children.2"]
+
+
 async def test_a_cancelled_replace_detaches_the_spare_and_records_nothing():
     spare = FlakyNode(16 * MiB, "spare")
     q, disk, kids = await make_quorum(size=16 * MiB, spares={"spare": spare})

@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from fusedisk.errors import OpenError, SpecError
+from fusedisk.filters.luks import luks1_manage
 from fusedisk.filters.luks import luks2_json as lj
 from fusedisk.filters.luks import luks2_manage as lm
 from fusedisk.filters.luks import luks2_volume as l2
@@ -89,7 +90,7 @@ def format_v2(args: argparse.Namespace) -> int:
 
     async def action(edge: Edge) -> dict[str, Any]:
         if not args.force:
-            await luks.lh.check_blank(edge, target.where)
+            await luks1_manage.check_blank(edge, target.where)
         return await lm.format_volume(
             _writer(edge), edge.node.size, target.where, passphrase, cipher=args.cipher,
             key_bytes=args.key_size // 8, sector_size=args.sector_size, kdf=kdf, label=args.label,

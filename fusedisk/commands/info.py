@@ -52,6 +52,9 @@ def _specific(value: Any, indent: int) -> list[str]:
         if isinstance(item, list):
             lines.append(f"{pad}{name}:")
             for i, entry in enumerate(item):
+                if not isinstance(entry, dict):  # a list of words (a bitmap's flags)
+                    lines.append(f"{pad}    [{i}]: {entry}")
+                    continue
                 lines.append(f"{pad}    [{i}]:")
                 lines += _specific(entry, indent + 2)
         else:

@@ -22,7 +22,9 @@ from typing import Any
 import trio
 
 from fusedisk.errors import OpenError, SpecError
-from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import keyslot_crypto, luks1_keyslot, luks1_manage
+from fusedisk.filters.luks import luks1_header as lh
+from fusedisk.filters.luks.cipher import SECTOR
 from fusedisk.filters.luks.node import CIPHERS, ask_passphrase, read_key_env, read_key_file
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.graph import Graph
@@ -99,7 +101,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
+    # one function per sub-command adds its arguments, in the order --help lists them
+    _register_format(actions)
+    _register_add_key(actions)
+    _register_remove_key(actions)
+    _register_dump(actions)
 
+
+def _register_format(actions: argparse._SubParsersAction) -> None:
     f = actions.add_parser(
         "format", help="write a new LUKS header (--version 1 or 2) with one key slot"
     )
@@ -110,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--key-size", type=int, default=512, choices=(128, 192, 256, 384, 512), metavar="BITS"
     )
-    f.add_argument("--hash", default="sha256", choices=tuple(lh.HASHES))
+    f.add_argument("--hash", default="sha256", choices=tuple(keyslot_crypto.HASHES))
     f.add_argument(
         "--size",
         help="create the image file with room for SIZE bytes of payload (e.g. 1G)",
@@ -134,6 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_luks2_kdf(f)
     f.set_defaults(func=run)
 
+
+def _register_add_key(actions: argparse._SubParsersAction) -> None:
     a = actions.add_parser("add-key", help="add a passphrase in a free key slot")
     _add_target(a)
     _add_key_source(a, "", "existing passphrase")
@@ -143,6 +154,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_luks2_kdf(a)
     a.set_defaults(func=run)
 
+
+def _register_remove_key(actions: argparse._SubParsersAction) -> None:
     r = actions.add_parser(
         "remove-key",
         help="remove the key slot a passphrase opens, or a given slot",
@@ -160,6 +173,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.set_defaults(func=run)
 
+
+def _register_dump(actions: argparse._SubParsersAction) -> None:
     d = actions.add_parser("dump", help="show the header (no key needed)")
     _add_target(d)
     d.set_defaults(func=run)
@@ -246,13 +261,13 @@ def _create_image(args: argparse.Namespace) -> None:
         payload = parse_size(args.size)
     except OptionValueError as e:
         raise SpecError(f"--size: {e}") from None
-    if payload % lh.SECTOR:
-        raise SpecError(f"--size must be a multiple of {lh.SECTOR} bytes")
+    if payload % SECTOR:
+        raise SpecError(f"--size must be a multiple of {SECTOR} bytes")
     _, payload_sectors = lh.layout(args.key_size // 8)
     create_file(
         args.image,
         f"cannot create '{args.image}'",
-        size=payload_sectors * lh.SECTOR + payload,
+        size=payload_sectors * SECTOR + payload,
         mode=0o600,
     )
 
@@ -268,8 +283,8 @@ def _format(args: argparse.Namespace) -> int:
 
     async def action(edge: Edge) -> lh.LuksHeader:
         if not args.force:
-            await lh.check_blank(edge, target.where)
-        return await lh.format_device(
+            await luks1_manage.check_blank(edge, target.where)
+        return await luks1_manage.format_device(
             edge,
             target.where,
             passphrase,
@@ -296,8 +311,8 @@ def _add_key(args: argparse.Namespace) -> int:
 
     async def action(edge: Edge) -> int:
         hdr = await lh.read_header(edge, target.where)
-        _, master_key = await lh.unlock(edge, hdr, old, target.where)
-        return await lh.add_key(
+        _, master_key = await luks1_keyslot.unlock(edge, hdr, old, target.where)
+        return await luks1_manage.add_key(
             edge,
             hdr,
             master_key,
@@ -328,7 +343,7 @@ def _remove_key(args: argparse.Namespace) -> int:
             if victim not in active:
                 raise OpenError(f"{target.where}: key slot {victim} is not in use")
             if passphrase is not None:
-                opened, _ = await lh.unlock(edge, hdr, passphrase, target.where)
+                opened, _ = await luks1_keyslot.unlock(edge, hdr, passphrase, target.where)
                 if opened == victim and not args.force:
                     raise OpenError(
                         f"{target.where}: the key given opens slot {victim} itself; give a key "
@@ -336,13 +351,13 @@ def _remove_key(args: argparse.Namespace) -> int:
                     )
         else:
             assert passphrase is not None
-            victim, _ = await lh.unlock(edge, hdr, passphrase, target.where)
+            victim, _ = await luks1_keyslot.unlock(edge, hdr, passphrase, target.where)
         if active == [victim] and not args.force:
             raise OpenError(
                 f"{target.where}: key slot {victim} is the last one; removing it makes the "
                 "data unreadable for good (use --force to do it anyway)"
             )
-        await lh.remove_key(edge, hdr, victim, target.where)
+        await luks1_manage.remove_key(edge, hdr, victim, target.where)
         return victim
 
     slot = trio.run(_with_device, target, action)

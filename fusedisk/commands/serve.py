@@ -25,6 +25,7 @@ from fusedisk.export.nbd.server import serve_nbd
 from fusedisk.export.nbd.tls import server_context
 from fusedisk.fuse.serve import tune_malloc
 from fusedisk.graph.graph import Graph
+from fusedisk.hostio.open_files import raise_open_file_limit
 from fusedisk.service.notify import Notifier
 from fusedisk.spec import Spec, load_spec
 
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def serve(spec: Spec, address: str, tls_creds: str | None, systemd: Notifier) -> None:
     """Open the graph, serve it until a signal, then flush and close every image."""
     tune_malloc()
+    raise_open_file_limit()
     # Signals are caught from before the first image opens until the last one
     # is closed: a second SIGTERM during the final flush must not cut it short.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

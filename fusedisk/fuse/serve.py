@@ -29,6 +29,7 @@ from fusedisk.fuse.kernel import mounting
 from fusedisk.fuse.kernel.ring import OVER_IO_URING, RingSession, unavailable
 from fusedisk.fuse.kernel.session import KernelSession, ProtocolError
 from fusedisk.graph.graph import Graph
+from fusedisk.hostio.open_files import raise_open_file_limit
 from fusedisk.spec import Spec
 
 log = logging.getLogger("fusedisk")
@@ -139,6 +140,7 @@ async def serve(
 ) -> None:
     """Open `spec`'s graph and serve it at `mountpoint` until unmounted."""
     tune_malloc()
+    raise_open_file_limit()
     # Resolved once, before mounting: mountinfo (the watchdog, the end-of-session
     # unmount, fusectl tuning) shows the path without symlinks or `..`.
     mountpoint = mounting.canonical(mountpoint)

@@ -12,8 +12,10 @@ nothing of pyfuse3; `ops.py` adapts it to FUSE.
     <disk>/snapshot             take a snapshot / list them (docs/snapshots.md)
     <disk>/commit, stream       start a background job; <disk>/job: its progress, cancel
     <disk>/revert               back to a snapshot
+    <disk>/backup               start a point-in-time backup (docs/backup.md)
     <disk>/nodes/<node>/        driver, size, options/, children/, parents/,
-                                siblings/, stats, and the driver's controls
+                                siblings/, stats, bitmaps/, and the driver's controls
+    <disk>/bitmaps              -> nodes/<format node>/bitmaps (docs/backup.md)
     <section>/<name>/           shared objects (throttle-groups): options/, stats
 """
 
@@ -27,6 +29,9 @@ from typing import Any
 
 from fusedisk import metrics
 from fusedisk.fuse.names import LAST_ERROR, METRICS
+from fusedisk.graph import bitmap_control
+from fusedisk.graph.backup import HELP as BACKUP_HELP
+from fusedisk.graph.backup import start_backup
 from fusedisk.graph.children import start_replace, start_scrub
 from fusedisk.graph.commit import start_commit
 from fusedisk.graph.disk import Disk
@@ -139,6 +144,9 @@ class ControlTree:
         async def job(text: str) -> None:
             await self.jobs.control(disk, text)
 
+        async def backup(text: str) -> None:
+            await start_backup(self.graph, disk, text)
+
         return {
             "root": LinkEntry(f"nodes/{disk.top.name}"),
             "nodes": DirEntry(
@@ -153,6 +161,8 @@ class ControlTree:
             "stream": FileEntry(lambda: _STREAM_HELP, stream),
             "revert": FileEntry(lambda: _REVERT_HELP, revert_to),
             "job": FileEntry(lambda: self.jobs.status(disk), job),
+            "backup": FileEntry(lambda: BACKUP_HELP, backup),
+            "bitmaps": LinkEntry(f"nodes/{bitmap_control.bitmap_node(disk).name}/bitmaps"),
         }
 
     def node_dir(self, disk: Disk, node: Node) -> dict[str, Entry]:
@@ -175,6 +185,7 @@ class ControlTree:
             ),
             "siblings": DirEntry(lambda: self.siblings_dir(node)),
             "stats": FileEntry(lambda: _json({**node.stats.as_dict(), **node.driver_stats()})),
+            "bitmaps": DirEntry(lambda: self.bitmaps_dir(node)),
         }
         if node.graph_op is not GraphOp.REFUSE and node.parents:
 
@@ -186,6 +197,16 @@ class ControlTree:
             out.update(self.child_jobs(disk, node))
         for name, control in node.controls().items():
             out[name] = FileEntry(control.read, control.write)
+        return out
+
+    def bitmaps_dir(self, node: Node) -> dict[str, Entry]:
+        """A node's dirty bitmaps: one directory each, and the commands (bitmap_control.py)."""
+        out: dict[str, Entry] = {}
+        for bitmap in node.bitmaps:
+            files = {k: FileEntry(v) for k, v in bitmap_control.bitmap_files(bitmap).items()}
+            out[bitmap.name] = DirEntry(partial(dict, files))
+        for name, write in bitmap_control.commands(self.graph, node).items():
+            out[name] = FileEntry(partial(str, bitmap_control.COMMANDS[name]), write)
         return out
 
     def child_jobs(self, disk: Disk, node: Node) -> dict[str, Entry]:

@@ -1,6 +1,6 @@
 """The one copy loop: chunked, range-locked, pausing while the disk drains.
 
-Commit, stream, a quorum's resync and scrub, and copy-on-read all move data
+Commit, stream, a quorum's replace and scrub, and copy-on-read all move data
 the same way (QEMU's block-copy.c is the model): a list of ranges is cut into
 chunks; for each chunk the loop
 
@@ -8,9 +8,10 @@ chunks; for each chunk the loop
                              waits for the chunk, and the next chunk waits
                              for the drain to end
     locks the range          exclusively, on the lock guest writes to the
-                             same bytes take shared (or, in a quorum, the
-                             node's own write lock), so a copy never
-                             overwrites newer guest data
+                             same bytes take shared (a CopyGate hooked on the
+                             edges they pass), so a copy never overwrites
+                             newer guest data (a quorum's scrub step takes
+                             the node's own write lock itself)
     does the work            `step(offset, length)`: the caller's (copy,
                              check-then-copy, vote-and-repair)
     counts progress          then yields: guest requests and cancellation
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -36,6 +37,21 @@ CHUNK = 1 << 20  # bytes per step (guest requests run in between)
 SCAN = 64 << 20  # bytes of block status asked at once
 
 Range = tuple[int, int]  # (start, end)
+
+
+class CopyGate:
+    """A write hook (graph/edge.py) for a copy job: guest writes passing the hooked
+    edges take shared locks on their ranges, a copy chunk holds `lock` exclusively
+    (copy_chunks(lock=gate.lock)), so no guest write interleaves a chunk."""
+
+    def __init__(self) -> None:
+        self.lock = RangeLock()
+
+    async def enter(self, offset: int, length: int) -> Any:
+        return await self.lock.acquire(offset, offset + length, exclusive=False)
+
+    def leave(self, token: Any) -> None:
+        self.lock.release(token)
 
 
 class Progress(Protocol):

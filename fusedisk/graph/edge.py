@@ -14,6 +14,9 @@ pass an edge: each hook's `enter` is awaited before a write, write-zeroes or
 discard (it may make the request wait) and its `leave` is called after it,
 successful or not (the inner call passes `_hooked=True`).  An edge without
 hooks pays one truth test per request.
+
+Dirty bitmaps (graph/bitmaps.py): a write, write-zeroes or discard marks the
+child's enabled bitmaps just before the child runs it.
 """
 
 from __future__ import annotations
@@ -196,6 +199,8 @@ class Edge:
         return bytes(buf)
 
     async def _write_now(self, node: Node, offset: int, data: bytes) -> None:
+        if node.bitmaps.enabled:
+            node.bitmaps.mark(offset, len(data))
         st = node.stats
         t0 = st.start()
         try:
@@ -231,6 +236,8 @@ class Edge:
         end = (offset + length) // align * align
         if end <= start:
             return
+        if node.bitmaps.enabled:
+            node.bitmaps.mark(start, end - start)
         st = node.stats
         t0 = st.start()
         try:
@@ -265,6 +272,8 @@ class Edge:
         if offset + length > end:
             await self.write(end, bytes(offset + length - end))
         token = await self._locks.acquire(start, end) if align > 1 else None
+        if node.bitmaps.enabled:
+            node.bitmaps.mark(start, end - start)
         st = node.stats
         t0 = st.start()
         try:
@@ -295,3 +304,4 @@ class Edge:
         if self.node.read_only:
             raise ReadOnly(f"node '{self.node.name}' is read-only")
         await self.node.truncate(size)
+        self.node.bitmaps.resize(self.node.size)

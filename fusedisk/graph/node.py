@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from fusedisk.errors import ControlError, NotSupported
+from fusedisk.graph.bitmaps import BitmapSet
 from fusedisk.graph.driver_slots import DriverSlots
-from fusedisk.graph.edge import Edge, RangeLock
+from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent, Status
 from fusedisk.graph.options import Option, OptionValueError
 from fusedisk.graph.stats import IoStats
@@ -110,32 +111,28 @@ class NodeContext(Protocol):
 
 
 class ChildSet(Protocol):
-    """What a fan-out node offers the graph's scrub and replace jobs (graph/children.py).
+    """A fan-out node's children as a graph job changes them (QEMU's
+    bdrv_add_child / bdrv_del_child); replace is built from these (graph/children.py).
 
-    `copy_lock` is the range lock its guest writes take: a chunk of work holds it
-    exclusively.  The caller holds the lock on the range it passes.
+    `add_child` attaches `node` as child `name`, a voter or not (a non-voting
+    child is written with the others and never read: a spare being filled); it
+    refuses (ControlError) a name taken or a child it cannot take now.  A node
+    deleted and added back in the same place comes back in the state it had.
     """
 
-    @property
-    def copy_lock(self) -> RangeLock: ...
+    def add_child(self, node: Node, name: str, voting: bool) -> Edge: ...
+
+    def del_child(self, edge: Edge) -> None: ...
+
+
+class Scrubber(Protocol):
+    """A node that can check and repair a range of itself (a quorum votes and
+    rewrites the losers); the graph's scrub job runs it over the disk.  The
+    step takes whatever lock keeps guest writes out of the range itself."""
 
     def scrub_report(self) -> dict[str, Any]: ...
 
     async def scrub_chunk(self, offset: int, length: int, report: dict[str, Any]) -> None: ...
-
-    def check_replace(self, old_ref: str, node: Node) -> Edge: ...
-
-    def attach_resync(self, old_ref: str, node: Node) -> tuple[Edge, Edge]: ...
-
-    def detach_resync(self, temp: Edge) -> None: ...
-
-    async def resync_chunk(self, temp: Edge, offset: int, length: int) -> None: ...
-
-    def resync_writes(self, temp: Edge) -> int: ...
-
-    def promote(self, slot: Edge, temp: Edge) -> None: ...
-
-    def demote(self, slot: Edge, temp: Edge, old: Node) -> None: ...
 
 
 COMMON_OPTIONS: Mapping[str, Option] = {
@@ -160,6 +157,8 @@ class Node(DriverSlots):
     makes_overlays: ClassVar[bool] = False
     #: a format that can make itself standalone at the end of a stream (`drop_backing`)
     drops_backing: ClassVar[bool] = False
+    #: a format that keeps bitmaps in its image (`store_bitmaps`)
+    persistent_bitmaps: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -177,6 +176,8 @@ class Node(DriverSlots):
         self.size = 0
         self.request_alignment = 1
         self.read_only: bool = bool(self.options.get("read-only", False))
+        #: dirty bitmaps the edges above mark on every write (graph/bitmaps.py)
+        self.bitmaps = BitmapSet(name)
         for slot in self.child_slots:
             child = children.get(slot.name)
             if child is None:
@@ -234,15 +235,26 @@ class Node(DriverSlots):
     @classmethod
     def create_overlay(cls, path: Path, size: int, backing: str, backing_format: str) -> None:
         """Create an empty image at `path` over `backing` (a path relative to its
-        folder), for a snapshot or a revert; formats with `makes_overlays` implement it."""
+        folder), for a snapshot or a revert, or standalone if `backing` is empty (a
+        full backup's target); formats with `makes_overlays` implement it."""
         raise NotSupported(f"driver '{cls.driver}' cannot create an overlay")
 
     async def drop_backing(self) -> None:
         """Make the image standalone (its header names no backing file any more)."""
         raise NotSupported(f"node '{self.name}' ({self.driver}) cannot drop its backing file")
 
+    async def store_bitmaps(self) -> None:
+        """Write the persistent bitmaps' names and flags to the image now (marked in
+        use while it is open), after one was added or removed; formats with
+        `persistent_bitmaps` implement it."""
+        raise NotSupported(f"node '{self.name}' ({self.driver}) cannot keep persistent bitmaps")
+
     def child_set(self) -> ChildSet | None:
-        """The fan-out capability (quorum): children that can be scrubbed and replaced."""
+        """The fan-out capability (quorum): children that can be added and deleted."""
+        return None
+
+    def scrubber(self) -> Scrubber | None:
+        """The scrub capability (quorum): ranges that can be checked and repaired."""
         return None
 
     def begin_drain(self) -> None:

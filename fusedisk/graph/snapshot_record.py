@@ -33,8 +33,6 @@ class OverlayRecord:
     stem: str | None = None
     node_stem: str | None = None
 
-    _JSON: ClassVar[dict[str, str]] = {"file_driver": "file-driver", "node_stem": "node-stem"}
-
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> OverlayRecord:
         def text(key: str, required: bool = False) -> str | None:
@@ -49,12 +47,11 @@ class OverlayRecord:
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in ("node", "base", "filename", "driver", "file_driver", "stem", "node_stem"):
-            value = getattr(self, name)
-            if value is not None:
-                out[self._JSON.get(name, name)] = value
-        return out
+        """Only the fields it has, under their JSON names (old records stay as written)."""
+        fields = {"node": self.node, "base": self.base, "filename": self.filename,
+                  "driver": self.driver, "file-driver": self.file_driver, "stem": self.stem,
+                  "node-stem": self.node_stem}  # fmt: skip
+        return {key: value for key, value in fields.items() if value is not None}
 
     def node_specs(self) -> list[NodeSpec]:
         """The spec nodes of the overlay: its image node and that node's file."""

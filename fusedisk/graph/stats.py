@@ -76,6 +76,12 @@ class IoStats:
         if isinstance(error, Exception):
             kind.errors += 1
 
+    def write_errors(self) -> int:
+        """Failed requests that change or persist data (write, write-zeroes, discard,
+        flush): a copy's target that has any may be missing data."""
+        kinds = (self.write, self.write_zeroes, self.discard, self.flush)
+        return sum(kind.errors for kind in kinds)
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {kind: getattr(self, kind).as_dict() for kind in KINDS}
         out["in_flight"] = self.in_flight

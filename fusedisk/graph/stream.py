@@ -23,9 +23,9 @@ from fusedisk.graph.chain import (
     user_edge,
 )
 from fusedisk.graph.changes import Change, Replay, one_record
-from fusedisk.graph.copy import copy_chunks
+from fusedisk.graph.copy import CopyGate, copy_chunks
 from fusedisk.graph.disk import is_zero
-from fusedisk.graph.edge import Edge, RangeLock
+from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Status
 from fusedisk.graph.jobs import Job, JobError
 from fusedisk.graph.node import Node, walk
@@ -37,19 +37,6 @@ if TYPE_CHECKING:
     from fusedisk.graph.graph import Graph
 
 log = logging.getLogger("fusedisk")
-
-
-class _CopyGate:
-    """Guest writes take shared locks on their ranges; a copy chunk an exclusive one."""
-
-    def __init__(self) -> None:
-        self.lock = RangeLock()
-
-    async def enter(self, offset: int, length: int) -> Any:
-        return await self.lock.acquire(offset, offset + length, exclusive=False)
-
-    def leave(self, token: Any) -> None:
-        self.lock.release(token)
 
 
 # -- stream -------------------------------------------------------------------------------------
@@ -64,7 +51,7 @@ class StreamJob(Job):
         self.graph = graph
         self.text = text.strip()
         self.overlays: list[Node] = []
-        self.gates: list[tuple[Node, Edge, _CopyGate, Edge]] = []
+        self.gates: list[tuple[Node, Edge, CopyGate, Edge]] = []
 
     def claims(self) -> list[Node]:
         return list(walk(self.disk.top))
@@ -88,7 +75,7 @@ class StreamJob(Job):
         self.target = ", ".join(n.name for n in self.overlays)
         steps = []
         for node in self.overlays:
-            gate = _CopyGate()
+            gate = CopyGate()
             user = user_edge(node)
             edge, edge_step = job_edge(node, "stream")
             steps += [hook(user, gate), edge_step]

@@ -29,6 +29,12 @@ What keeps that safe:
   bytes silently.  Reads of other ranges go on.
 - **Bounded.**  At most `max_bytes` are queued per file; a write beyond that
   waits for the oldest (backpressure, as dirty-page throttling would give).
+- **Write-through where a reply must mean more.**  A front whose clients take
+  a write's reply to mean the data has left the daemon sets `WRITE_THROUGH`
+  in the task that writes: the write then returns once it is in the file.
+  The NBD export does (an NBD client may exit without a word, and the daemon
+  be killed, before the daemon has even read the end of its stream); a FUSE
+  close(2) waits for a flush instead.
 - **Data not copied twice.**  `bytes` are kept as they are; a mutable buffer
   (luks reuses its output buffers) is copied first.
 
@@ -41,6 +47,8 @@ into whatever file next gets that descriptor number.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import errno
 import os
 import queue
@@ -59,6 +67,14 @@ DEFAULT_MAX_BYTES = 16 << 20
 #: writes touch (a dict lookup per chunk, then an exact check of the few writes there),
 #: not by scanning a queue that may hold thousands of writes
 CHUNK_BITS = 16
+
+#: writes done before the writer thread wakes the loop for those waiting on them,
+#: unless the queue empties first (a wake-up per write cost ~30 % of NBD write IOPS)
+WAKE_EVERY = 8
+
+#: set to True in a task whose writes must be in the file (page cache) when they
+#: return, not just queued: its caller's reply promises the data outlives the daemon
+WRITE_THROUGH: contextvars.ContextVar[bool] = contextvars.ContextVar("write_through", default=False)
 
 
 def _chunks(offset: int, length: int) -> range:
@@ -139,7 +155,8 @@ class WriteBehind:
         self._raise_failure()
 
     async def write(self, offset: int, data: Buffer) -> None:
-        """Queue a write; returns at once unless `max_bytes` are already queued."""
+        """Queue a write; returns at once unless `max_bytes` are already queued
+        (or the task asked for WRITE_THROUGH: then once it is written)."""
         self._raise_failure()
         if self._closed:
             raise OSError(errno.EBADF, f"{self.where}: the file is closed")
@@ -158,6 +175,9 @@ class WriteBehind:
         self._bytes += len(w.data)
         self.queued += 1
         self._queue.put(w)
+        if WRITE_THROUGH.get():
+            await self._wait_for(w.seq)
+            self._raise_failure()
 
     def _half_drained(self) -> int:
         """The write after which at most half of `max_bytes` is queued.
@@ -273,10 +293,15 @@ class WriteBehind:
     # -- the writer thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        owed = False  # writers are due a wake-up not yet sent
+        woken_at = 0
         try:
             while True:
                 w = self._queue.get()
                 if w is None:
+                    if owed:
+                        with contextlib.suppress(trio.RunFinishedError):
+                            self._token.run_sync_soon(self._wake)
                     return
                 if self._failure is None:
                     try:
@@ -295,10 +320,15 @@ class WriteBehind:
                         self._lost.append((w.offset, w.offset + len(w.data)))
                     self._done = w.seq
                     wake = any(seq <= w.seq for seq, _ in self._waiters)
-                if wake:
+                # one wake-up of the loop for a run of writes, not one per write: sent
+                # when the queue is empty (the next get would block) or every WAKE_EVERY
+                if wake and (self._queue.empty() or w.seq - woken_at >= WAKE_EVERY):
+                    owed, woken_at = False, w.seq
                     try:
                         self._token.run_sync_soon(self._wake)
                     except trio.RunFinishedError:
                         return
+                elif wake:
+                    owed = True
         finally:
             os.close(self._fd)

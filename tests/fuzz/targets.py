@@ -21,7 +21,8 @@ from pathlib import Path
 import trio
 
 from fusedisk.errors import FuseDiskError
-from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import luks1_header as lh
+from fusedisk.filters.luks import luks1_keyslot
 from fusedisk.filters.luks import luks2_checks as lc
 from fusedisk.filters.luks import luks2_json as lj
 from fusedisk.filters.luks import luks2_volume as l2
@@ -142,7 +143,7 @@ def luks_header(data: bytes) -> None:
             cheap = max(slot.iterations, hdr.mk_digest_iterations) <= 2000
             if slot.enabled and cheap and slot.stripes <= 4000:
                 material = bytes(hdr.key_bytes * slot.stripes)
-                lh.open_key_slot(hdr, i, b"wrong", material)
+                luks1_keyslot.open_key_slot(hdr, i, b"wrong", material)
 
     _refusals_only(parse)
 

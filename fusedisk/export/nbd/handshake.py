@@ -4,7 +4,9 @@ Options are answered one by one until NBD_OPT_GO (or the old
 NBD_OPT_EXPORT_NAME) picks a disk, or the client aborts.  A malformed option
 payload gets NBD_REP_ERR_INVALID and the negotiation goes on (the payload was
 read whole, so the stream is still in step); a bad magic, unknown client
-flags or an oversized option end the connection.
+flags or an oversized option end the connection, and so does an
+NBD_OPT_EXPORT_NAME that cannot be granted (HangUp: that option has no error
+reply, and a client would read one as the export's size).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import ssl
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from fusedisk.export.nbd import meta
 from fusedisk.export.nbd import protocol as p
 from fusedisk.export.nbd.connection import Connection
 from fusedisk.graph.disk import Disk
@@ -23,7 +26,11 @@ BASE_ALLOCATION_ID = 1
 PREFERRED_BLOCK = 4096
 
 
-class TLSFailed(p.ProtocolError):
+class HangUp(p.ProtocolError):
+    """The connection ends here, with no option reply (one would be misread)."""
+
+
+class TLSFailed(HangUp):
     """The TLS handshake failed: the stream is unusable, the connection ends."""
 
 
@@ -35,6 +42,8 @@ class Session:
     disk: Disk
     structured: bool
     base_allocation: bool  # block status may be asked
+    #: qemu:dirty-bitmap contexts: id -> bitmap name (export/nbd/meta.py)
+    bitmaps: dict[int, str] = field(default_factory=dict)
 
 
 def export_flags(disk: Disk, structured: bool) -> int:
@@ -73,7 +82,8 @@ class Negotiation:
         self.encrypted = False
         self.structured = False
         self.no_zeroes = False
-        self.meta_export: str | None = None  # export for which base:allocation was set
+        self.meta_export: str | None = None  # export for which meta contexts were set
+        self.meta_contexts: list[str] = []  # the contexts set, in order (meta.py)
 
     async def run(self) -> Session | None:
         """Negotiate; None if the client aborted."""
@@ -99,7 +109,7 @@ class Negotiation:
             data = await self.conn.receive_exactly(length)
             try:
                 session = await self.option(option, data)
-            except TLSFailed:
+            except HangUp:
                 raise
             except p.ProtocolError as e:
                 await self.reply(option, p.REP_ERR_INVALID, str(e).encode())
@@ -119,7 +129,7 @@ class Negotiation:
             return None
         if self.tls is not None and not self.encrypted:
             if option == p.OPT_EXPORT_NAME:
-                raise p.ProtocolError("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
+                raise HangUp("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
             await self.reply(option, p.REP_ERR_TLS_REQD, b"this server requires TLS first")
             return None
         if option == p.OPT_EXPORT_NAME:
@@ -163,11 +173,15 @@ class Negotiation:
         self.meta_export = None
 
     async def export_name(self, data: bytes) -> Session:
-        name = p.parse_export_name(data)
+        try:
+            name = p.parse_export_name(data)
+        except p.ProtocolError as e:
+            raise HangUp(str(e)) from None
         disk = find_disk(self.disks, name)
         if disk is None:
-            # this old option has no error reply: the spec says to hang up
-            raise p.ProtocolError(f"no disk named {name!r}")
+            # this old option has no error reply: the spec says to hang up (a client
+            # would read an option reply's magic as the export's size)
+            raise HangUp(f"NBD_OPT_EXPORT_NAME: no disk named {name!r}")
         tail = b"" if self.no_zeroes else bytes(124)
         await self.conn.send(
             struct.pack(">QH", disk.size, export_flags(disk, self.structured)) + tail
@@ -203,22 +217,35 @@ class Negotiation:
             await self.reply(option, p.REP_ERR_UNKNOWN, message.encode())
             return
         listing = option == p.OPT_LIST_META_CONTEXT
-        wanted = any(
-            q == p.META_BASE_ALLOCATION or (listing and q in ("base:", "base"))
-            for q in request.queries
-        ) or (listing and not request.queries)
+        disk = find_disk(self.disks, request.export)
+        assert disk is not None
+        chosen = meta.select(disk, request.queries, listing)
         if option == p.OPT_SET_META_CONTEXT:
-            self.meta_export = request.export if wanted else None
-        if wanted:
+            self.meta_export = request.export if chosen else None
+            self.meta_contexts = chosen
+        for i, name in enumerate(chosen):
+            context_id = 0 if listing else _context_id(chosen, i)
             await self.reply(
-                option,
-                p.REP_META_CONTEXT,
-                struct.pack(">I", BASE_ALLOCATION_ID) + p.META_BASE_ALLOCATION.encode(),
+                option, p.REP_META_CONTEXT, struct.pack(">I", context_id) + name.encode()
             )
         await self.reply(option, p.REP_ACK)
 
     def session(self, name: str, disk: Disk) -> Session:
-        meta = self.structured and self.meta_export is not None
-        if meta and find_disk(self.disks, self.meta_export or "") is not disk:
-            meta = False
-        return Session(name or disk.name, disk, self.structured, meta)
+        has_meta = self.structured and self.meta_export is not None
+        if has_meta and find_disk(self.disks, self.meta_export or "") is not disk:
+            has_meta = False
+        contexts = self.meta_contexts if has_meta else []
+        bitmaps = {}
+        for i, context in enumerate(contexts):
+            bitmap = meta.bitmap_name(context)
+            if bitmap is not None:
+                bitmaps[_context_id(contexts, i)] = bitmap
+        base = meta.BASE_ALLOCATION in contexts
+        return Session(name or disk.name, disk, self.structured, base, bitmaps)
+
+
+def _context_id(contexts: list[str], i: int) -> int:
+    """base:allocation is 1; the others count from 2 in the order they were set."""
+    if contexts[i] == meta.BASE_ALLOCATION:
+        return BASE_ALLOCATION_ID
+    return 2 + sum(1 for c in contexts[:i] if c != meta.BASE_ALLOCATION)

@@ -326,9 +326,10 @@ def error_chunk(cookie: int, error: int, message: str) -> bytes:
     return chunk_header(cookie, REPLY_TYPE_ERROR, len(payload), True) + payload
 
 
-def block_status_chunk(cookie: int, context: int, extents: list[tuple[int, int]]) -> bytes:
-    """`extents` as (length, base:allocation flags) pairs."""
-    payload = struct.pack(">I", context) + b"".join(
-        struct.pack(">II", length, flags) for length, flags in extents
-    )
-    return chunk_header(cookie, REPLY_TYPE_BLOCK_STATUS, len(payload), True) + payload
+def block_status_chunk(
+    cookie: int, context: int, extents: list[tuple[int, int]], done: bool = True
+) -> bytes:
+    """`extents` as (length, flags) pairs of one meta context; `done` on the last chunk."""
+    flat = [value for pair in extents for value in pair]
+    payload = struct.pack(f">I{len(flat)}I", context, *flat)  # one call, not one per extent
+    return chunk_header(cookie, REPLY_TYPE_BLOCK_STATUS, len(payload), done) + payload

@@ -26,11 +26,13 @@ from fusedisk.errors import SpecError
 from fusedisk.export.nbd.address import Address, parse_address
 from fusedisk.export.nbd.connection import ClientGone, Connection
 from fusedisk.export.nbd.handshake import Negotiation
+from fusedisk.export.nbd.limits import DaemonLimits
 from fusedisk.export.nbd.protocol import ProtocolError
 from fusedisk.export.nbd.tls import server_context
 from fusedisk.export.nbd.transmission import Transmission
 from fusedisk.graph.disk import Disk
 from fusedisk.graph.graph import Graph
+from fusedisk.hostio.open_files import connection_cap
 
 log = logging.getLogger("fusedisk")
 
@@ -95,8 +97,11 @@ async def serve_connection(
     stream: trio.abc.Stream,
     peer: str,
     tls: ssl.SSLContext | None = None,
+    limits: DaemonLimits | None = None,
 ) -> None:
-    """Negotiate with one client and serve it until it leaves (or breaks the protocol)."""
+    """Negotiate with one client and serve it until it leaves (or breaks the protocol).
+
+    `limits` are what the daemon's connections share (limits.py)."""
     conn = Connection(stream, peer)
     try:
         with trio.fail_after(NEGOTIATION_TIMEOUT):
@@ -104,7 +109,7 @@ async def serve_connection(
         if session is None:
             return
         log.info("nbd %s: serving disk '%s'", peer, session.disk.name)
-        await Transmission(conn, session).run()
+        await Transmission(conn, session, limits).run()
         log.info("nbd %s: disk '%s': disconnected", peer, session.disk.name)
     except ProtocolError as e:
         log.warning("nbd %s: %s; disconnecting", peer, e)
@@ -175,14 +180,24 @@ async def _serve_listeners(
     *,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    limits = DaemonLimits(cap=connection_cap())
+
     async def handler(stream: trio.SocketStream) -> None:
-        await serve_connection(graph.disks, stream, _peer_name(stream), tls)
+        peer = _peer_name(stream)
+        if not limits.admit(peer):
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await serve_connection(graph.disks, stream, peer, tls, limits)
+        finally:
+            limits.leave()
 
     if addr.path is None and listeners:
         host, port = listeners[0].socket.getsockname()[:2]
         addr = Address(host=addr.host or host, port=port)
-    log.info("serving %s over NBD at %s%s", ", ".join(graph.disks) or "no disks", addr,
-             " (TLS required)" if tls else "")  # fmt: skip
+    log.info("serving %s over NBD at %s%s (at most %d connections)",
+             ", ".join(graph.disks) or "no disks", addr, " (TLS required)" if tls else "",
+             limits.cap)  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handler, listeners)

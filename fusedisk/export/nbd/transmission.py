@@ -5,7 +5,13 @@ task, so a slow flush does not hold up the reads queued behind it (clients
 such as qemu and nbdcopy keep tens of requests in flight).  Replies go back
 in completion order, each whole (Connection.send).  At most MAX_IN_FLIGHT
 requests run per connection: the reader stops reading until one finishes,
-which bounds the memory a client can pin.
+and each request first takes its bytes from the connection's and the daemon's
+budgets (budget.py), given back once its reply is on the socket: that bounds
+the memory a client can pin, even one that never reads its replies.
+
+A write is answered once its data is in the host file, not merely queued
+beside it (WRITE_THROUGH): the end of a connection that wrote flushes the
+disk, but a client that exits without NBD_CMD_DISC does not wait for that.
 
 Disk operations run shielded from cancellation: a write cut in half inside a
 format (qcow2 metadata) would be worse than the delay of letting it finish
@@ -21,17 +27,35 @@ import struct
 import trio
 
 from fusedisk.errors import FuseDiskError, to_errno
+from fusedisk.export.nbd import meta
 from fusedisk.export.nbd import protocol as p
+from fusedisk.export.nbd.block_status import MAX_EXTENTS, walk
+from fusedisk.export.nbd.budget import CONNECTION_BYTES, Budget, Hold
 from fusedisk.export.nbd.connection import ClientGone, Connection
 from fusedisk.export.nbd.handshake import BASE_ALLOCATION_ID, Session
+from fusedisk.export.nbd.limits import DaemonLimits
 from fusedisk.graph.disk import is_zero
 from fusedisk.graph.extents import Status
+from fusedisk.hostio.write_behind import WRITE_THROUGH
 
 log = logging.getLogger("fusedisk")
 
 MAX_IN_FLIGHT = 64
-#: block status replies carry at most this many extents (the client asks again)
-MAX_EXTENTS = 16384
+#: while connections crowd the cap (limits.py), a client that chose a disk and has
+#: sent no request for this long is hung up on: it holds a descriptor for nothing.
+#: Otherwise, and once it has sent a request, it may stay quiet as long as it likes:
+#: qemu, the kernel's client and our own nbd driver keep idle disks open for hours.
+FIRST_REQUEST_TIMEOUT = 30.0
+BLOCK_STATUS_BYTES = MAX_EXTENTS * 8
+
+
+def request_bytes(req: p.Request) -> int:
+    """What a request may hold in memory: its data, or its reply's at most."""
+    if req.type in (p.CMD_READ, p.CMD_WRITE):
+        return min(req.length, p.MAX_REQUEST)
+    if req.type == p.CMD_BLOCK_STATUS:
+        return BLOCK_STATUS_BYTES
+    return 0
 
 
 class RequestError(Exception):
@@ -43,11 +67,16 @@ class RequestError(Exception):
 
 
 class Transmission:
-    def __init__(self, conn: Connection, session: Session) -> None:
+    def __init__(
+        self, conn: Connection, session: Session, limits: DaemonLimits | None = None
+    ) -> None:
         self.conn = conn
         self.session = session
         self.disk = session.disk
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self.budget = Budget(CONNECTION_BYTES)
+        self.limits = limits or DaemonLimits()
+        self._holds: dict[int, Hold] = {}  # id(request) -> its bytes, until its reply is sent
         self._wrote = False  # the client wrote (a write, trim or write-zeroes)
 
     async def run(self) -> None:
@@ -56,12 +85,14 @@ class Transmission:
         Raises ClientGone or ProtocolError (after the in-flight requests are
         done) when the client vanished or broke the protocol.
         """
-        async with trio.open_nursery() as outer:
-            await outer.start(self.conn.writer)
-            async with trio.open_nursery() as nursery:
-                ended = await self._read_requests(nursery)
-            self.conn.finish_writing()
-        await self._flush_at_end()
+        try:
+            async with trio.open_nursery() as outer:
+                await outer.start(self.conn.writer)
+                async with trio.open_nursery() as nursery:
+                    ended = await self._read_requests(nursery)
+                self.conn.finish_writing()
+        finally:  # however it ended: DISC, end of stream, reset, error, cancelled
+            await self._flush_at_end()
         if ended is not None:
             raise ended
 
@@ -79,10 +110,18 @@ class Transmission:
 
     async def _read_requests(self, nursery: trio.Nursery) -> Exception | None:
         """Start a task per request; returns why the stream ended (None: NBD_CMD_DISC)."""
+        first = True
         while True:
             await self._slots.acquire()
+            if self.conn.broken:  # hung up on (its replies were not read): no more
+                self._slots.release()
+                return ClientGone("it read none of its replies")
+            hold = Hold(self.budget, self.limits.bytes)
             try:
-                req = p.parse_request(await self.conn.receive_exactly(p.REQUEST.size))
+                req = p.parse_request(await self._next_header(first))
+                first = False
+                # not another byte read from this client until the request's fit
+                await hold.take(request_bytes(req))
                 payload = b""
                 if req.type == p.CMD_WRITE:
                     if req.length > p.MAX_REQUEST:
@@ -92,17 +131,43 @@ class Transmission:
                         )
                     payload = await self.conn.receive_exactly(req.length)
             except (ClientGone, p.ProtocolError) as e:
+                hold.release()
                 self._slots.release()
                 return e
             except BaseException:
+                hold.release()
                 self._slots.release()
                 raise
             if req.type == p.CMD_DISC:
+                hold.release()
                 self._slots.release()
                 return None
+            self._holds[id(req)] = hold
             nursery.start_soon(self._serve, req, payload)
 
+    async def _next_header(self, first: bool) -> bytes:
+        """The next request header; while connections crowd the cap, the first must
+        come within FIRST_REQUEST_TIMEOUT."""
+        if not first:
+            return await self.conn.receive_exactly(p.REQUEST.size)
+        while True:
+            # cancelled in receive_some, so no byte is lost: waiting again is safe
+            with trio.move_on_after(FIRST_REQUEST_TIMEOUT):
+                return await self.conn.receive_exactly(p.REQUEST.size)
+            if self.limits.crowded():
+                raise p.ProtocolError(f"no request within {FIRST_REQUEST_TIMEOUT:g} s of "
+                                      f"choosing disk '{self.disk.name}', with "
+                                      f"{self.limits.connections} connections open")  # fmt: skip
+
+    async def _send(self, req: p.Request, *parts: bytes) -> None:
+        """The reply to `req`; its bytes in flight are given back once it is on the socket."""
+        hold = self._holds.pop(id(req), None)
+        await self.conn.send(*parts, on_sent=hold.release if hold else None)
+
     async def _serve(self, req: p.Request, payload: bytes) -> None:
+        # a write's reply says the data is in the host file: the client may exit
+        # without NBD_CMD_DISC and the daemon die before it reads the end of the stream
+        WRITE_THROUGH.set(True)
         try:
             error = p.check_request(
                 req, self.disk.size, self.disk.read_only, self.session.structured
@@ -122,6 +187,9 @@ class Transmission:
                           self.disk.name, req.name)  # fmt: skip
             await self._error(req, p.EIO, f"internal error: {e}")
         finally:
+            hold = self._holds.pop(id(req), None)
+            if hold is not None:  # no reply went out (cancelled)
+                hold.release()
             self._slots.release()
 
     def _refusal(self, req: p.Request, error: int) -> str:
@@ -136,15 +204,15 @@ class Transmission:
 
     async def _error(self, req: p.Request, error: int, message: str) -> None:
         if self.session.structured:
-            await self.conn.send(p.error_chunk(req.cookie, error, message))
+            await self._send(req, p.error_chunk(req.cookie, error, message))
         else:
-            await self.conn.send(p.simple_reply(req.cookie, error))
+            await self._send(req, p.simple_reply(req.cookie, error))
 
     async def _done(self, req: p.Request) -> None:
         if self.session.structured:
-            await self.conn.send(p.chunk_header(req.cookie, p.REPLY_TYPE_NONE, 0, True))
+            await self._send(req, p.chunk_header(req.cookie, p.REPLY_TYPE_NONE, 0, True))
         else:
-            await self.conn.send(p.simple_reply(req.cookie))
+            await self._send(req, p.simple_reply(req.cookie))
 
     async def _execute(self, req: p.Request, payload: bytes) -> None:
         disk = self.disk
@@ -172,7 +240,7 @@ class Transmission:
     async def _read(self, req: p.Request) -> None:
         data = await self.disk.read(req.offset, req.length) if req.length else b""
         if not self.session.structured:
-            await self.conn.send(p.simple_reply(req.cookie), data)
+            await self._send(req, p.simple_reply(req.cookie), data)
             return
         if not data:
             await self._done(req)
@@ -180,10 +248,10 @@ class Transmission:
             # a hole chunk saves the client reading (and the wire carrying) zeroes
             body = struct.pack(">QI", req.offset, len(data))
             header = p.chunk_header(req.cookie, p.REPLY_TYPE_OFFSET_HOLE, len(body), True)
-            await self.conn.send(header + body)
+            await self._send(req, header + body)
         else:
             header = p.chunk_header(req.cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + len(data), True)
-            await self.conn.send(header + req.offset.to_bytes(8, "big"), data)
+            await self._send(req, header + req.offset.to_bytes(8, "big"), data)
 
     async def _write_zeroes(self, req: p.Request) -> None:
         if req.flags & p.CMD_FLAG_FAST_ZERO and not await self._reads_as_zero(req):
@@ -201,21 +269,24 @@ class Transmission:
         return covered >= req.length
 
     async def _block_status(self, req: p.Request) -> None:
-        if not self.session.base_allocation:
-            raise RequestError(p.EINVAL, "block status needs the base:allocation context")
-        extents = await self.disk.block_status(req.offset, req.length)
-        pairs: list[tuple[int, int]] = []
-        for ext in extents:
-            flags = 0 if ext.status & Status.DATA else p.STATE_HOLE
-            if ext.status & Status.ZERO:
-                flags |= p.STATE_ZERO
-            if pairs and pairs[-1][1] == flags:
-                pairs[-1] = (pairs[-1][0] + ext.length, flags)
-            else:
-                pairs.append((ext.length, flags))
-            if len(pairs) > MAX_EXTENTS:
-                break
-        pairs = pairs[:1] if req.flags & p.CMD_FLAG_REQ_ONE else pairs[:MAX_EXTENTS]
-        if not pairs:
-            raise RequestError(p.EIO, "the disk reported no extents")
-        await self.conn.send(p.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, pairs))
+        """One chunk per meta context the client set, sent together (export/nbd/meta.py)."""
+        session = self.session
+        if not session.base_allocation and not session.bitmaps:
+            raise RequestError(p.EINVAL, "block status needs a meta context (base:allocation "
+                               "or qemu:dirty-bitmap:NAME)")  # fmt: skip
+        one = bool(req.flags & p.CMD_FLAG_REQ_ONE)
+        chunks = []
+        if session.base_allocation:
+            # walked in slices that yield, one at a time in the daemon (block_status.py)
+            pairs = await walk(self.disk, req.offset, req.length, one, self.limits.walks)
+            if not pairs:
+                raise RequestError(p.EIO, "the disk reported no extents")
+            chunks.append((BASE_ALLOCATION_ID, pairs))
+        for context_id, name in session.bitmaps.items():
+            dirty = meta.dirty_extents(self.disk, name, req.offset, req.length)
+            if dirty is None:
+                raise RequestError(p.EINVAL, f"bitmap '{name}' is gone")
+            chunks.append((context_id, dirty[:1] if one else dirty[:MAX_EXTENTS]))
+        last = len(chunks) - 1
+        await self._send(req, b"".join(p.block_status_chunk(req.cookie, cid, pairs, i == last)
+                                       for i, (cid, pairs) in enumerate(chunks)))  # fmt: skip

@@ -12,7 +12,8 @@ from typing import Any
 
 import trio
 
-from fusedisk.filters.luks import header, luks2_volume
+from fusedisk.filters.luks import luks1_header, luks2_volume
+from fusedisk.filters.luks.cipher import SECTOR
 from fusedisk.hostio.files import image_size, read_head
 
 
@@ -30,10 +31,10 @@ def _luks2(path: str, size: int, where: str) -> dict[str, Any]:
 def describe(path: str) -> dict[str, Any]:
     where = f"LUKS image '{path}'"
     size = image_size(path, where)
-    head = read_head(path, header.HEADER_SIZE, where)
-    if header.probe(head) == 2:
+    head = read_head(path, luks1_header.HEADER_SIZE, where)
+    if luks1_header.probe(head) == 2:
         return _luks2(path, size, where)
-    hdr = header.parse_header(head, size, where)
+    hdr = luks1_header.parse_header(head, size, where)
     mode, _, ivgen = hdr.cipher_mode.partition("-")
     key_bits = hdr.key_bytes * 8 // (2 if mode == "xts" else 1)  # XTS splits its key in two
     slots = []
@@ -41,7 +42,7 @@ def describe(path: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"active": slot.enabled}
         if slot.enabled:
             entry["iters"] = slot.iterations
-        entry["key-offset"] = slot.key_offset * header.SECTOR
+        entry["key-offset"] = slot.key_offset * SECTOR
         if slot.enabled:
             entry["stripes"] = slot.stripes
         slots.append(entry)

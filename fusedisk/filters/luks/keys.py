@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from fusedisk.errors import OpenError
-from fusedisk.filters.luks import header as lh
+
+MAX_KEY_FILE = 8 << 20  # cryptsetup's default limit on --key-file
 
 #: passphrases taken from the environment, by variable name
 _taken: dict[str, bytes] = {}
@@ -27,11 +28,11 @@ def read_key_file(path: str, where: str) -> bytes:
     """The raw bytes of a key file, as cryptsetup --key-file reads them (no newline stripped)."""
     try:
         with open(path, "rb") as f:
-            key = f.read(lh.MAX_KEY_FILE + 1)
+            key = f.read(MAX_KEY_FILE + 1)
     except OSError as e:
         raise OpenError(f"{where}: cannot read '{path}': {e.strerror}") from None
-    if len(key) > lh.MAX_KEY_FILE:
-        raise OpenError(f"{where}: '{path}' is larger than {lh.MAX_KEY_FILE} bytes")
+    if len(key) > MAX_KEY_FILE:
+        raise OpenError(f"{where}: '{path}' is larger than {MAX_KEY_FILE} bytes")
     if not key:
         raise OpenError(f"{where}: '{path}' is empty")
     return key

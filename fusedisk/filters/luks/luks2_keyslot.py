@@ -20,43 +20,30 @@ import os
 import time
 from dataclasses import replace
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2i, Argon2id
-from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from fusedisk.filters.luks import keyslot_crypto
 from fusedisk.filters.luks.cipher import (
     CipherSpecError,
     SectorCipher,
     make_sector_cipher,
     split_cipher_spec,
 )
-from fusedisk.filters.luks.header import af_merge, af_split
+from fusedisk.filters.luks.keyslot_crypto import HASHES, af_merge, af_split
 from fusedisk.filters.luks.luks2_json import PBKDF2_HASHES, Digest, Kdf, Keyslot
 
-_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1,
-    "sha224": hashes.SHA224,
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-}
-assert tuple(_HASHES) == PBKDF2_HASHES
+assert tuple(HASHES) == PBKDF2_HASHES
 
 
 class KeyslotError(ValueError):
     """The key slot names something fusedisk cannot compute (the message says what)."""
 
 
-def _hash(name: str, what: str) -> type[hashes.HashAlgorithm]:
-    algorithm = _HASHES.get(name)
-    if algorithm is None:
-        raise KeyslotError(f"{what}: hash {name!r} is not supported ({', '.join(_HASHES)})")
-    return algorithm
-
-
 def pbkdf2(hash_name: str, secret: bytes, salt: bytes, iterations: int, length: int) -> bytes:
-    algorithm = _hash(hash_name, "PBKDF2")
-    return PBKDF2HMAC(algorithm(), length, salt, iterations).derive(secret)
+    """keyslot_crypto.pbkdf2, refusing a hash it does not know with a KeyslotError."""
+    if hash_name not in HASHES:
+        raise KeyslotError(f"PBKDF2: hash {hash_name!r} is not supported ({', '.join(HASHES)})")
+    return keyslot_crypto.pbkdf2(hash_name, secret, salt, iterations, length)
 
 
 def derive(kdf: Kdf, passphrase: bytes, length: int) -> bytes:

@@ -19,7 +19,7 @@ import trio
 from fusedisk.errors import CorruptImage, OpenError
 from fusedisk.filters.luks import luks2_checks as lc
 from fusedisk.filters.luks import luks2_json as lj
-from fusedisk.filters.luks.header import WrongKey
+from fusedisk.filters.luks.keyslot_crypto import WrongKey
 from fusedisk.filters.luks.luks2_header import Luks2Headers, Reader, read_headers
 from fusedisk.filters.luks.luks2_keyslot import KeyslotError, open_keyslot
 

@@ -2,21 +2,21 @@
 
 The child (`file`) holds a LUKS header, key slots and, after them, the
 encrypted payload; this node presents the payload's plaintext.  The version
-comes from the header: LUKS1 (header.py) has 512-byte sectors and a payload
+comes from the header: LUKS1 (luks1_*.py) has 512-byte sectors and a payload
 to the device's end; LUKS2 (luks2_*.py) has one data segment with its own
 offset, size (fixed or "dynamic"), sector size (512-4096) and IV tweak.  IVs
 count 512-byte units from the segment's start (plus the tweak) whatever the
-sector size, as
-cryptsetup (dm-crypt), QEMU and nbdkit expect, so an image is shared with
-them.  The node's request_alignment is the sector size, so the edge turns
+sector size, as cryptsetup (dm-crypt), QEMU and nbdkit expect, so an image is
+shared with them.  The node's request_alignment is the sector size, so the edge turns
 smaller requests into read-modify-write.
 
 The node changes data, so it derives from Node (which refuses by default)
 and implements every request itself.  A snapshot passes below it
 (graph_op PASS): the overlays then store ciphertext.
 
-The on-disk formats live in header.py and luks2_*.py, the sector cipher in
-cipher.py, key sources in keys.py; this file is the glue: open, requests.
+The on-disk formats live in luks1_*.py and luks2_*.py (keyslot_crypto.py: what
+both share), the sector ciphers in cipher/, key sources in keys.py; this file
+is the glue: open, requests.
 Neither the passphrase nor the master key is kept in options, shown,
 logged or put in a message; only the sector cipher holds the key.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import trio
 
 from fusedisk.errors import NotSupported, OpenError
-from fusedisk.filters.luks import header as lh
+from fusedisk.filters.luks import luks1_header as lh
 from fusedisk.filters.luks import luks2_volume as l2
 from fusedisk.filters.luks.cipher import (
     SECTOR,
@@ -42,12 +42,10 @@ from fusedisk.filters.luks.cipher import (
     split_cipher_spec,
 )
 from fusedisk.filters.luks.describe import describe
-from fusedisk.filters.luks.keys import (
-    ask_passphrase,
-    file_reader,
-    read_key_env,
-    read_key_file,
-)
+from fusedisk.filters.luks.keys import ask_passphrase, file_reader, read_key_env, read_key_file
+from fusedisk.filters.luks.keyslot_crypto import HASHES
+from fusedisk.filters.luks.luks1_keyslot import unlock
+from fusedisk.filters.luks.luks1_manage import check_blank, format_device
 from fusedisk.graph.driver_slots import PROBE_CERTAIN
 from fusedisk.graph.edge import Edge
 from fusedisk.graph.extents import Extent, Status, merge_extents
@@ -113,7 +111,7 @@ class LuksNode(Node):
             "master key size in bits when formatting (xts: 256 or 512)",
             choices=(128, 192, 256, 384, 512),
         ),
-        Option("hash", "str", "sha256", "PBKDF2 hash when formatting", choices=tuple(lh.HASHES)),
+        Option("hash", "str", "sha256", "PBKDF2 hash when formatting", choices=tuple(HASHES)),
         Option(
             "iter-time",
             "int",
@@ -184,11 +182,11 @@ class LuksNode(Node):
         )
 
     async def _format(self) -> None:
-        await lh.check_blank(self.file, self.where)
+        await check_blank(self.file, self.where)
         if self.read_only:
             raise OpenError(f"{self.where}: option 'format': cannot format a read-only node")
         passphrase = await self._passphrase(confirm=True)
-        await lh.format_device(
+        await format_device(
             self.file,
             self.where,
             passphrase,
@@ -224,7 +222,7 @@ class LuksNode(Node):
     async def _open_luks1(self, head: bytes) -> None:
         self.header = lh.parse_header(head, self.file.node.size, self.where)
         passphrase = await self._passphrase()
-        self._slot, master_key = await lh.unlock(self.file, self.header, passphrase, self.where)
+        self._slot, master_key = await unlock(self.file, self.header, passphrase, self.where)
         self._cipher = make_sector_cipher(
             self.header.cipher_name, self.header.cipher_mode, master_key
         )
@@ -273,7 +271,7 @@ class LuksNode(Node):
         cipher = self._cipher
         if cipher is None:
             raise NotSupported(f"{self.where} is closed")
-        sector = offset // SECTOR + self._iv_tweak  # IVs count 512-byte units (cipher.py)
+        sector = offset // SECTOR + self._iv_tweak  # IVs count 512-byte units (cipher/xts.py)
         if len(data) < THREAD_MIN_BYTES:
             return cipher.encrypt(sector, data) if encrypting else cipher.decrypt(sector, data)
         self._threaded += 1

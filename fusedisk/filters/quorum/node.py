@@ -33,10 +33,11 @@ written until it is replaced.  Discard is done as write-zeroes with unmap on
 every child, so the siblings keep reading the same bytes.
 
 Scrub and replace are jobs of the graph engine (graph/children.py): the node
-only offers its ChildSet capability (a vote-and-repair step, a resync step,
-and attach / detach / promote / demote of a child); the graph's copy loop runs
-the steps chunk by chunk under this node's range lock, and the switch to a
-new child is a graph transaction under drain, recorded in the change log.
+only offers a Scrubber (vote and repair one range, under its range lock:
+scrub.py) and a ChildSet (add and delete a child, voting or not: children.py).
+A replacement is the graph's copy job, which reads this node (voted reads)
+into the spare added as a non-voting child, then swaps the children in one
+graph transaction under drain, recorded in the change log.
 Child states, counters and the `status` file are kept in health.py; running one
 request on several children at once in fanout.py.
 """
@@ -50,10 +51,20 @@ from fusedisk.errors import ControlError, OpenError
 from fusedisk.filters.quorum.children import QuorumChildren
 from fusedisk.filters.quorum.fanout import FanOut
 from fusedisk.filters.quorum.health import ChildState, QuorumHealth, describe_undecided
+from fusedisk.filters.quorum.scrub import QuorumScrub
 from fusedisk.filters.quorum.vote import Verdict, vote, zero_majority
 from fusedisk.graph.edge import Edge, RangeLock
 from fusedisk.graph.extents import Extent
-from fusedisk.graph.node import ChildSet, ChildSlot, Control, GraphOp, Node, NodeContext, Role
+from fusedisk.graph.node import (
+    ChildSet,
+    ChildSlot,
+    Control,
+    GraphOp,
+    Node,
+    NodeContext,
+    Role,
+    Scrubber,
+)
 from fusedisk.graph.options import REQUIRED, Option, option_table
 
 # -- the node ---------------------------------------------------------------------
@@ -107,9 +118,10 @@ class QuorumNode(Node):
         self.threshold = int(self.options["vote-threshold"])
         self.fifo = self.options.get("read-pattern", "quorum") == "fifo"
         self.health = QuorumHealth(name, int(self.options.get("max-read-errors", 0)))
-        #: guest writes take it per range; a scrub or resync chunk holds it (graph/copy.py)
+        #: guest writes take it per range; a scrub chunk and a re-vote hold it
         self.copy_lock = RangeLock()
         self._children_set = QuorumChildren(self)
+        self._scrubber = QuorumScrub(self)
         #: runs one request on several children at once (fanout.py)
         self.fanout = FanOut()
 
@@ -327,10 +339,13 @@ class QuorumNode(Node):
         n = len(voters)
         return zero_majority(offset, length, answers, max(n, 1), 1 if n else 0)
 
-    # -- the ChildSet capability: scrub and replace run as graph jobs ------------------
+    # -- capabilities: scrub and replace run as graph jobs ------------------------------
 
     def child_set(self) -> ChildSet:
         return self._children_set
+
+    def scrubber(self) -> Scrubber:
+        return self._scrubber
 
     # -- control files -----------------------------------------------------------------
 

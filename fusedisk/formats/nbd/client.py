@@ -34,6 +34,10 @@ DIRECTION_READ = 1
 DIRECTION_WRITE = 2
 
 
+#: libnbd's errnos for a command on a connection that is over
+GONE = (errno.ESHUTDOWN, errno.ENOTCONN)
+
+
 class ConnectionLost(Exception):
     """The connection to the server is gone; the command may be retried elsewhere."""
 
@@ -217,7 +221,7 @@ class NbdClient:
         try:
             issue(completion)
         except nbd.Error as e:
-            if self._dead():
+            if self._dead() or e.errno in GONE:
                 self._wake_pump()
                 raise ConnectionLost(e.string) from None
             raise OSError(e.errno or errno.EIO, e.string) from None
@@ -226,6 +230,13 @@ class NbdClient:
         await pending.done.wait()
         if pending.error and (self.lost.is_set() or self._dead()):
             raise ConnectionLost(f"connection to {self.server} lost")
+        if pending.error == errno.ESHUTDOWN:
+            # the server says it is stopping (nbdkit and qemu-nbd answer so while
+            # they shut down): it is going away, which is not the request's fault
+            log.warning("nbd server %s: shutting down (it answered ESHUTDOWN); dropping "
+                        "the connection", self.server)  # fmt: skip
+            self.abandon()
+            raise ConnectionLost(f"the NBD server at {self.server} is shutting down")
         if pending.error:
             raise OSError(pending.error, os.strerror(pending.error))
 

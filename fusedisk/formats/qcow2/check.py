@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 
 async def check_image(image: Qcow2Image) -> CheckReport:
     report = CheckReport()
-    if image.h.has_bitmaps:  # their directory and tables are not counted here
-        report.warnings.append("persistent bitmaps: refcounts not checked; use qemu-img check")
-        return report
     references = await count_references(image)
     refcounts = await image.refs.used_clusters()
     cs = image.cs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,42 @@ def create_with_options(
     )
 
 
+@dataclass(frozen=True)
+class _Params:
+    """The format parameters of a new image (create_qcow2's keywords, as qemu-img's -o)."""
+
+    cluster_size: int
+    version: int
+    refcount_bits: int
+    extended_l2: bool
+    compression_type: str
+    lazy_refcounts: bool
+    data_file: str | None
+    data_file_raw: bool
+
+    @property
+    def cluster_bits(self) -> int:
+        return self.cluster_size.bit_length() - 1
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the metadata of a new image lies, in clusters: header, refcount table,
+    refcount blocks, L1 table, in that order from cluster 0."""
+
+    table_clusters: int
+    blocks: int
+    l1_clusters: int
+
+    @property
+    def first_block(self) -> int:
+        return 1 + self.table_clusters
+
+    @property
+    def total(self) -> int:
+        return self.first_block + self.blocks + self.l1_clusters
+
+
 def create_qcow2(
     path: str | Path,
     size: int | None,
@@ -114,32 +151,67 @@ def create_qcow2(
     """
     path = Path(path)
     where = f"cannot create '{path}'"
-    cluster_bits = cluster_size.bit_length() - 1
-    if cluster_size != 1 << cluster_bits or not 9 <= cluster_bits <= 21:
+    p = _Params(cluster_size, version, refcount_bits, extended_l2, compression_type,
+                lazy_refcounts, data_file, data_file_raw)  # fmt: skip
+    _check_params(p, backing, where)
+    size, backing_fmt = _resolve_size(path, size, backing, backing_fmt, where)
+    h = _new_header(p, size)
+    h.check_size(size, where)  # an L1 table QEMU would refuse, or too big to build
+    lay = _plan_layout(h, p)
+    head = _pack_head(h, p, backing, backing_fmt, where)
+    cs = cluster_size
+    reftable = bytearray(lay.table_clusters * cs)
+    for i in range(lay.blocks):
+        struct.pack_into(">Q", reftable, i * 8, (lay.first_block + i) * cs)
+    refblocks = bytearray(lay.blocks * cs)
+    for c in range(lay.total):
+        _set_refcount(refblocks, c, 1, refcount_bits)
+
+    if data_file:
+        _prepare_data_file(path, data_file, size, where)
+    create_file(
+        path,
+        where,
+        chunks=((0, head), (cs, bytes(reftable)), (lay.first_block * cs, bytes(refblocks))),
+        size=lay.total * cs,
+        replace=overwrite,
+    )
+
+
+def _check_params(p: _Params, backing: str | None, where: str) -> None:
+    """Refuse format parameters QEMU would refuse, each with its reason."""
+    cluster_bits = p.cluster_bits
+    if p.cluster_size != 1 << cluster_bits or not 9 <= cluster_bits <= 21:
         raise SpecError(f"{where}: cluster_size must be a power of two from 512 to 2M")
-    if version not in (2, 3):
+    if p.version not in (2, 3):
         raise SpecError(f"{where}: version must be 2 (compat=0.10) or 3 (compat=1.1)")
-    if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
+    if p.refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
         raise SpecError(f"{where}: refcount_bits must be a power of two from 1 to 64")
-    if compression_type not in ("zlib", "zstd"):
+    if p.compression_type not in ("zlib", "zstd"):
         raise SpecError(f"{where}: compression_type must be zlib or zstd")
-    if version == 2 and (
-        refcount_bits != 16
-        or extended_l2
-        or compression_type != "zlib"
-        or lazy_refcounts
-        or data_file
+    if p.version == 2 and (
+        p.refcount_bits != 16
+        or p.extended_l2
+        or p.compression_type != "zlib"
+        or p.lazy_refcounts
+        or p.data_file
     ):
         raise SpecError(
             f"{where}: version 2 images have 16-bit refcounts and no extended L2, zstd, "
             "lazy refcounts or data file"
         )
-    if extended_l2 and cluster_bits < 14:
+    if p.extended_l2 and cluster_bits < 14:
         raise SpecError(f"{where}: extended_l2 needs a cluster size of at least 16K")
-    if data_file_raw and not data_file:
+    if p.data_file_raw and not p.data_file:
         raise SpecError(f"{where}: data_file_raw needs data_file")
-    if data_file_raw and backing:
+    if p.data_file_raw and backing:
         raise SpecError(f"{where}: a raw data file cannot have a backing file")
+
+
+def _resolve_size(
+    path: Path, size: int | None, backing: str | None, backing_fmt: str | None, where: str
+) -> tuple[int, str | None]:
+    """The virtual size and backing format: given, or taken from the backing file."""
     if backing is not None:
         if len(backing.encode()) > MAX_BACKING_NAME:
             raise SpecError(f"{where}: the backing file name is longer than 1023 bytes")
@@ -157,13 +229,16 @@ def create_qcow2(
         raise SpecError(f"{where}: a size is needed (or a backing file to take it from)")
     if size < 0:
         raise SpecError(f"{where}: the size cannot be negative")
+    return size, backing_fmt
 
-    order = refcount_bits.bit_length() - 1
+
+def _new_header(p: _Params, size: int) -> Header:
+    """The header fields and feature bits; the table offsets come from `_plan_layout`."""
     h = Header(
-        version=version,
+        version=p.version,
         backing_file_offset=0,
         backing_file_size=0,
-        cluster_bits=cluster_bits,
+        cluster_bits=p.cluster_bits,
         size=size,
         crypt_method=0,
         l1_size=0,
@@ -172,29 +247,32 @@ def create_qcow2(
         refcount_table_clusters=0,
         nb_snapshots=0,
         snapshots_offset=0,
-        refcount_order=order,
-        header_length=112 if version == 3 else 72,
+        refcount_order=p.refcount_bits.bit_length() - 1,
+        header_length=112 if p.version == 3 else 72,
     )
-    if extended_l2:
+    if p.extended_l2:
         h.incompatible |= INCOMPAT_EXTL2
-    if compression_type == "zstd":
+    if p.compression_type == "zstd":
         h.incompatible |= INCOMPAT_COMPRESSION
         h.compression_type = COMPRESSION_ZSTD
     else:
         h.compression_type = COMPRESSION_ZLIB
-    if lazy_refcounts:
+    if p.lazy_refcounts:
         h.compatible |= COMPAT_LAZY_REFCOUNTS
-    if data_file:
+    if p.data_file:
         h.incompatible |= INCOMPAT_DATA_FILE
-        if data_file_raw:
+        if p.data_file_raw:
             h.autoclear |= AUTOCLEAR_DATA_FILE_RAW
+    return h
 
-    h.check_size(size, where)  # an L1 table QEMU would refuse, or too big to build
-    # metadata layout: header, refcount table, refcount blocks, L1 table
-    cs = cluster_size
-    h.l1_size = h.l1_entries_needed(size)
+
+def _plan_layout(h: Header, p: _Params) -> _Layout:
+    """Size the refcount table and blocks to count all the metadata, themselves included,
+    and set the header's table offsets."""
+    cs = p.cluster_size
+    h.l1_size = h.l1_entries_needed(h.size)
     l1_clusters = -(-h.l1_size * 8 // cs)
-    per_block = cs * 8 // refcount_bits
+    per_block = cs * 8 // p.refcount_bits
     blocks, table_clusters = 1, 1
     while True:
         total = 1 + table_clusters + blocks + l1_clusters
@@ -203,17 +281,22 @@ def create_qcow2(
         if (need_blocks, need_table) == (blocks, table_clusters):
             break
         blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
+    lay = _Layout(table_clusters, blocks, l1_clusters)
     h.refcount_table_offset = cs
     h.refcount_table_clusters = table_clusters
-    first_block = 1 + table_clusters
-    h.l1_table_offset = (first_block + blocks) * cs
-    total = first_block + blocks + l1_clusters
+    h.l1_table_offset = (lay.first_block + blocks) * cs
+    return lay
 
+
+def _pack_head(
+    h: Header, p: _Params, backing: str | None, backing_fmt: str | None, where: str
+) -> bytes:
+    """Cluster 0's bytes: the header, its extensions, then the backing file name."""
     extensions: list[tuple[int, bytes]] = []
     if backing is not None:
         extensions.append((EXT_BACKING_FORMAT, str(backing_fmt).encode()))
-    if data_file:
-        extensions.append((EXT_DATA_FILE, data_file.encode()))
+    if p.data_file:
+        extensions.append((EXT_DATA_FILE, p.data_file.encode()))
     extensions.append((EXT_FEATURE_TABLE, _feature_table()))
     backing_bytes = backing.encode() if backing is not None else None
     head = pack_header(h, extensions, None)
@@ -221,25 +304,9 @@ def create_qcow2(
         h.backing_file_offset = len(head)
         h.backing_file_size = len(backing_bytes)
     head = pack_header(h, extensions, backing_bytes)
-    if len(head) > cs:
-        raise SpecError(f"{where}: the header does not fit in one {cs}-byte cluster")
-
-    reftable = bytearray(table_clusters * cs)
-    for i in range(blocks):
-        struct.pack_into(">Q", reftable, i * 8, (first_block + i) * cs)
-    refblocks = bytearray(blocks * cs)
-    for c in range(total):
-        _set_refcount(refblocks, c, 1, refcount_bits)
-
-    if data_file:
-        _prepare_data_file(path, data_file, size, where)
-    create_file(
-        path,
-        where,
-        chunks=((0, head), (cs, bytes(reftable)), (first_block * cs, bytes(refblocks))),
-        size=total * cs,
-        replace=overwrite,
-    )
+    if len(head) > p.cluster_size:
+        raise SpecError(f"{where}: the header does not fit in one {p.cluster_size}-byte cluster")
+    return head
 
 
 def _prepare_data_file(path: Path, data_file: str, size: int, where: str) -> None:

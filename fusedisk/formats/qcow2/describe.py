@@ -1,6 +1,7 @@
 """What `fusedisk info` shows of a qcow2 image, in `qemu-img info --output=json`'s names.
 
-Reads the header (with its extensions) and the snapshot table; writes nothing.
+Reads the header (with its extensions), the snapshot table and the bitmap directory;
+writes nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Any
 
 import trio
 
-from fusedisk.formats.qcow2 import layout
+from fusedisk.formats.qcow2 import bitmaps, layout
+from fusedisk.formats.qcow2.header import parse_header
 from fusedisk.formats.qcow2.snapshots import read_snapshot_table
 from fusedisk.hostio.files import backing_path, open_host_file
 
@@ -22,10 +24,15 @@ def describe(path: str) -> dict[str, Any]:
     fd, _ = open_host_file(path, False, where)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        h = layout.parse_header(os.pread(fd, HEAD_BYTES, 0), size, path)
+        h = parse_header(os.pread(fd, HEAD_BYTES, 0), size, path)
         info = _header_info(path, h)
         if h.nb_snapshots:
             info["snapshots"] = trio.run(_snapshots, fd, h, size, where)
+        if h.has_bitmaps and h.autoclear & layout.AUTOCLEAR_BITMAPS:
+            count, dsize, doff = bitmaps.directory_location(h.bitmaps_ext, h.cluster_size, size,
+                                                            where)  # fmt: skip
+            entries = bitmaps.parse_directory(os.pread(fd, dsize, doff), count, where)
+            info["format-specific"]["data"]["bitmaps"] = bitmaps.describe_entries(entries)
     finally:
         os.close(fd)
     return info

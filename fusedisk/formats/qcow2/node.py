@@ -76,6 +76,7 @@ class Qcow2Node(Node):
     accepts_filename = True
     makes_overlays = True
     drops_backing = True
+    persistent_bitmaps = True
 
     image: Qcow2Image
     #: set once open() has read the header and tables (stats before that are empty)
@@ -117,6 +118,7 @@ class Qcow2Node(Node):
         self.image = Qcow2Image(
             self.name, self.image_path, self.file, lambda: self.backing,
             self.options.get("l2-cache-size"), int(self.options["refcount-cache-size"]),
+            self.bitmaps,
         )  # fmt: skip
         await self.image.open(self.read_only)
         self.where = self.image.where
@@ -277,8 +279,16 @@ class Qcow2Node(Node):
 
     @classmethod
     def create_overlay(cls, path: Path, size: int, backing: str, backing_format: str) -> None:
-        """An empty qcow2 over `backing` (relative to its folder), for a snapshot."""
+        """An empty qcow2 over `backing` (relative to its folder), for a snapshot; with an
+        empty `backing`, a standalone one (a full backup's target)."""
+        if not backing:
+            create_qcow2(path, size)
+            return
         create_qcow2(path, size, backing=backing, backing_fmt=backing_format)
+
+    async def store_bitmaps(self) -> None:
+        """Persistent bitmaps go to the image at once, marked in use (bitmaps.py)."""
+        await self.image.store_bitmaps()
 
     async def drop_backing(self) -> None:
         """Make the image standalone (the end of a stream); the graph detaches the edge."""

@@ -74,9 +74,12 @@ class MetaIO:
 
 
 class Refcounts:
+    """The refcounts of one image and its host cluster allocation (see the module doc)."""
+
     def __init__(
         self,
         io: MetaIO,
+        *,
         where: str,
         cluster_bits: int,
         order: int,
@@ -86,7 +89,11 @@ class Refcounts:
         cache_tables: int,
         on_free: Callable[[int], None],
         on_metadata: Callable[[int], None],
+        is_metadata: Callable[[int], bool],
     ) -> None:
+        """`on_free` hears of each cluster whose refcount reaches 0, `on_metadata` of each
+        refcount block or table allocated; `is_metadata` says whether a cluster holds
+        metadata, so that allocation never hands it out (QEMU's overlap check)."""
         self.io = io
         self.where = where
         self.cluster_bits = cluster_bits
@@ -105,8 +112,7 @@ class Refcounts:
         self._on_metadata = on_metadata
         self._growing = False
         self.allocations = 0
-        #: whether a cluster holds metadata (the driver sets it): never handed out
-        self.is_metadata: Callable[[int], bool] = lambda cluster: False
+        self.is_metadata = is_metadata
 
     # -- reading ------------------------------------------------------------
 

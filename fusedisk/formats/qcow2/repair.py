@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fusedisk.errors import NotSupported
 from fusedisk.formats.qcow2.layout import (
     OFFSET_MASK,
     OFLAG_COMPRESSED,
@@ -38,12 +37,9 @@ async def count_references(image: Qcow2Image) -> Counter[int]:
         for c in range(offset >> cb, ((offset + max(length, 1) - 1) >> cb) + 1):
             refs[c] += 1
 
-    if h.has_bitmaps:
-        raise NotSupported(
-            f"{image.where}: a dirty image with persistent bitmaps cannot be repaired here; "
-            "use 'qemu-img check -r all'"
-        )
     ref(0, cs)
+    for offset, length in image.bitmap_store.references():
+        ref(offset, length)
     ref(h.refcount_table_offset, h.refcount_table_clusters * cs)
     for e in image.refs.table.tolist():
         if e & REFTABLE_OFFSET_MASK:
