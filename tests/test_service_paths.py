@@ -101,3 +101,17 @@ def test_job_refuses_paths_that_are_not_a_disk_of_a_mount(tmp_path, write_spec, 
     inside = m.path("vm0")
     assert_one_sentence(fusedisk("status", inside), f"'{inside}' is not a fusedisk mount; "
                         f"the mount is at '{m.mountpoint}'")  # fmt: skip
+
+
+def test_a_mount_table_without_the_root_holds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a chroot, mountinfo lists only the mounts below the process's root (/proc,
+    /dev...), and the root itself need not be one: a path no entry holds is simply not
+    on a mount, never an assertion (it stopped every `fusedisk mount` in a chroot)."""
+    from fusedisk.service import mounts
+
+    only_proc = [mounts.MountEntry(Path("/proc"), "proc", "proc")]
+    monkeypatch.setattr(mounts, "mount_table", lambda: only_proc)
+    assert mounts.mount_of(Path("/srv/disks")) is None
+    mounts.refuse_dead(Path("/srv/disks"))  # nothing to refuse
+    with pytest.raises(mounts.NotAMount, match="is not in a fusedisk mount"):
+        mounts.fusedisk_mount_of(Path("/srv/disks/vm0"))

@@ -54,18 +54,19 @@ def mount_table() -> list[MountEntry]:
     return entries
 
 
-def mount_of(path: Path) -> MountEntry:
+def mount_of(path: Path) -> MountEntry | None:
     """The mount that holds `path`: the newest mount at its longest mounted prefix.
 
     Symlinks and `..` are resolved as far as they can be (a dead mount refuses
-    lookups, and realpath then keeps the rest as written)."""
+    lookups, and realpath then keeps the rest as written).  None when no entry
+    holds it: in a chroot, mountinfo lists only the mounts below the process's
+    root, and the root itself need not be one."""
     where = Path(os.path.realpath(path))
     best: MountEntry | None = None
     for entry in mount_table():
         holds = where == entry.mountpoint or entry.mountpoint in where.parents
         if holds and (best is None or len(entry.mountpoint.parts) >= len(best.mountpoint.parts)):
             best = entry
-    assert best is not None, "/ is always mounted"
     return best
 
 
@@ -88,13 +89,15 @@ def dead_mount_error(entry: MountEntry) -> DeadMount:
 def refuse_dead(path: Path) -> None:
     """Raise DeadMount if `path` is on a mount whose daemon is gone."""
     entry = mount_of(path)
-    if is_dead(entry.mountpoint):
+    if entry is not None and is_dead(entry.mountpoint):
         raise dead_mount_error(entry)
 
 
 def fusedisk_mount_of(path: Path) -> Path:
     """The mount point of the live fusedisk mount that holds `path`."""
     entry = mount_of(path)
+    if entry is None:
+        raise NotAMount(f"'{path}' is not in a fusedisk mount")
     if is_dead(entry.mountpoint):
         raise dead_mount_error(entry)
     if entry.fstype != FSTYPE:
