@@ -70,11 +70,16 @@ def mount_of(path: Path) -> MountEntry | None:
     return best
 
 
+#: what a mount whose daemon is gone answers: ENOTCONN, or ECONNABORTED once the
+#: kernel aborted the connection (as it does when a FUSE-over-io_uring daemon dies)
+DEAD_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def is_dead(mountpoint: Path) -> bool:
     try:
         os.stat(mountpoint)
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        return e.errno in DEAD_ERRNOS
     return False
 
 
