@@ -80,8 +80,8 @@ def test_required_options_are_named():
 def test_missing_bindings_say_what_to_install(tmp_path):
     """Without Debian's python3-rbd the node names the package, in one sentence."""
     code = (
-        "import fusedisk.formats.rbd.librbd as l, sys\n"
-        "l.DEBIAN_FOLDERS = ()\n"
+        "import fusedisk.formats.rbd.librbd as l, fusedisk.system_bindings as b, sys\n"
+        "b.DEBIAN_FOLDERS = ()\n"
         "sys.modules.pop('rados', None); sys.modules.pop('rbd', None)\n"
         "sys.path = [p for p in sys.path if 'dist-packages' not in p]\n"
         "try:\n    l.bindings()\nexcept ImportError as e:\n    print(e)\n"

@@ -11,28 +11,11 @@ matching bookworm's libnbd 1.14 (the `nbd` name there is another project).
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import sys
 from functools import cache
-from pathlib import Path
 from types import ModuleType
 
-DEBIAN_FOLDERS = ("/usr/lib/python3/dist-packages",)
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+from fusedisk.system_bindings import DEBIAN_FOLDERS, debian_extension, load_by_path, python_version
 
 
 @cache
@@ -44,18 +27,13 @@ def libnbd() -> ModuleType:
         return nbd
     except ImportError:
         pass
-    for folder in map(Path, DEBIAN_FOLDERS):
-        wrapper = folder / "nbd.py"
-        if not wrapper.exists():
-            continue
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            extension = folder / f"libnbdmod{suffix}"
-            if extension.exists():
-                if "libnbdmod" not in sys.modules:
-                    _load("libnbdmod", extension)
-                return _load("nbd", wrapper)
+    extension = debian_extension("libnbdmod")
+    wrapper = extension.parent / "nbd.py" if extension is not None else None
+    if extension is not None and wrapper is not None and wrapper.exists():
+        if "libnbdmod" not in sys.modules:
+            load_by_path("libnbdmod", extension)
+        return load_by_path("nbd", wrapper)
     raise ImportError(
-        "libnbd's Python binding for this Python "
-        f"({sys.version_info.major}.{sys.version_info.minor}) is not installed "
-        "(Debian: apt install python3-libnbd)"
+        f"libnbd's Python binding for this Python ({python_version()}) is not installed "
+        f"(Debian: apt install python3-libnbd; looked in {', '.join(DEBIAN_FOLDERS)})"
     )

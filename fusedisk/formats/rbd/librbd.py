@@ -10,29 +10,14 @@ path (as formats/nbd/libnbd.py does for libnbd), `rados` first, because
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
+import importlib
 import sys
 from functools import cache
-from pathlib import Path
 from types import ModuleType
 
-DEBIAN_FOLDERS = ("/usr/lib/python3/dist-packages",)
+from fusedisk.system_bindings import debian_extension, load_by_path, python_version
+
 INSTALL_HINT = "Debian: apt install --no-install-recommends python3-rados python3-rbd"
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 def _find(name: str) -> ModuleType:
@@ -42,14 +27,12 @@ def _find(name: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError:
         pass
-    for folder in map(Path, DEBIAN_FOLDERS):
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            extension = folder / f"{name}{suffix}"
-            if extension.exists():
-                return _load(name, extension)
+    extension = debian_extension(name)
+    if extension is not None:
+        return load_by_path(name, extension)
     raise ImportError(
-        f"Ceph's Python binding '{name}' for this Python "
-        f"({sys.version_info.major}.{sys.version_info.minor}) is not installed ({INSTALL_HINT})"
+        f"Ceph's Python binding '{name}' for this Python ({python_version()}) is not "
+        f"installed ({INSTALL_HINT})"
     )
 
 
