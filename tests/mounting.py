@@ -85,19 +85,35 @@ class Mount:
             force_unmount(self.mountpoint)
             return
         proc, self.proc = self.proc, None
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+        refused = self._unmount()
         try:
             proc.wait(timeout=MOUNT_TIMEOUT)
         except subprocess.TimeoutExpired:
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
             proc.kill()
             proc.wait()
-            raise MountError(f"fusedisk did not exit after unmount:\n{self.log}") from None
+            raise MountError(f"fusedisk did not exit after unmount{refused}:\n{self.log}") from None
         finally:
             force_unmount(self.mountpoint)
         if check_log and "unexpected error" in self.log:
             raise MountError(f"the daemon logged an unexpected error:\n{self.log}")
+
+    def _unmount(self) -> str:
+        """`fusermount3 -u`, tried again for a few seconds while the kernel says the
+        mount is busy (a process that has just closed a file in it, a watchdog's stat
+        at that instant); what it said last, if it never succeeded."""
+        said = ""
+        for _ in range(25):
+            if not is_mounted(self.mountpoint):
+                return ""
+            done = subprocess.run(
+                ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True
+            )
+            if done.returncode == 0:
+                return ""
+            said = f" (fusermount3 -u: {done.stderr.strip()})"
+            time.sleep(0.2)
+        return said
 
     def signal(self, signum: int) -> int:
         """Send `signum` to the daemon and wait for it; returns its exit status."""

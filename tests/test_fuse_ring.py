@@ -1,7 +1,8 @@
 """FUSE over io_uring (`--transport uring`, and `auto`'s choice) and the eager start.
 
 The rest of the mount tests run on whatever FUSEDISK_TEST_TRANSPORT says (the
-ring by default: conftest.py turns it on); these are about the ring itself:
+test command runs them all on /dev/fuse, then a protocol-heavy subset over the
+ring, which conftest.py turns on); these are about the ring itself:
 that it is used and says so, that `auto` falls back with one line saying why,
 that a request in flight at unmount is answered, and that a request which
 needs no waiting is answered in the loop pass that read it, with no task.
