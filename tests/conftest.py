@@ -157,3 +157,31 @@ node = "d0"
 
 def raw_spec(image: str = "d0.img", disk_options: str = "") -> str:
     return RAW_SPEC.format(image=image, disk_options=disk_options)
+
+
+def seed_filters(children: list[str], quorum_extra: str = "") -> str:
+    """The seed tree's filters as spec text: throttle -> luks (key file `key`, formatted
+    at first open) -> quorum over `children`, disk vm0 on top; the caller adds the
+    children's nodes."""
+    quorum = f"children = {children!r}".replace("'", '"')
+    return f"""
+[nodes.thr]
+driver = "throttle"
+file = "crypt"
+iops-total = 100000
+
+[nodes.crypt]
+driver = "luks"
+file = "q"
+key-file = "key"
+format = true
+pbkdf2-iterations = 1000
+
+[nodes.q]
+driver = "quorum"
+{quorum}
+vote-threshold = 2
+{quorum_extra}
+[disks.vm0]
+node = "thr"
+"""

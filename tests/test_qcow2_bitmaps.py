@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, needs
+from tests.conftest import cli, needs, seed_filters
 from tests.nbd_helpers import Server, external_servers, nbd_uri
 from tests.qcow2_helpers import KiB, MiB, create, needs_qemu, qemu_img
 
@@ -242,39 +242,9 @@ def test_nbd_exports_each_bitmap_as_qemu_nbd_does(tmp_path, write_spec, mount) -
         server.stop()
 
 
-SEED_TREE = """
-[nodes.thr]
-driver = "throttle"
-file = "crypt"
-iops-total = 100000
-
-[nodes.crypt]
-driver = "luks"
-file = "q"
-key-file = "key"
-format = true
-pbkdf2-iterations = 1000
-
-[nodes.q]
-driver = "quorum"
-children = ["d0", "d1", "d2"]
-vote-threshold = 2
-
-[nodes.d0]
-driver = "qcow2"
-filename = "d0.qcow2"
-
-[nodes.d1]
-driver = "qcow2"
-filename = "d1.qcow2"
-
-[nodes.d2]
-driver = "qcow2"
-filename = "d2.qcow2"
-
-[disks.vm0]
-node = "thr"
-"""
+SEED_TREE = seed_filters(["d0", "d1", "d2"]) + "".join(
+    f'[nodes.d{i}]\ndriver = "qcow2"\nfilename = "d{i}.qcow2"\n' for i in range(3)
+)
 
 
 @needs("qemu-nbd", "nbdinfo")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import needs
+from tests.conftest import needs, seed_filters
 from tests.mounting import Mount
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120), needs("qemu-img", "qemu-io")]
@@ -291,40 +291,10 @@ def test_each_child_lists_its_siblings(tmp_path, write_spec, mount):
     assert {"status", "scrub", "replace"} <= set(os.listdir(nodes / "q"))
 
 
-SEED_TREE = """
-[nodes.thr]
-driver = "throttle"
-file = "crypt"
-iops-total = 100000
-
-[nodes.crypt]
-driver = "luks"
-file = "q"
-key-file = "key"
-format = true
-pbkdf2-iterations = 1000
-
-[nodes.q]
-driver = "quorum"
-children = ["d0", "d1", "d2"]
-vote-threshold = 2
-rewrite-corrupted = true
-
-[nodes.d0]
-driver = "qcow2"
-file = { driver = "file", filename = "d0.qcow2" }
-
-[nodes.d1]
-driver = "qcow2"
-file = { driver = "file", filename = "d1.qcow2" }
-
-[nodes.d2]
-driver = "qcow2"
-file = { driver = "file", filename = "d2.qcow2" }
-
-[disks.vm0]
-node = "thr"
-"""
+SEED_TREE = seed_filters(["d0", "d1", "d2"], "rewrite-corrupted = true\n") + "".join(
+    f'[nodes.d{i}]\ndriver = "qcow2"\nfile = {{ driver = "file", filename = "d{i}.qcow2" }}\n'
+    for i in range(3)
+)
 
 
 @needs("losetup", "mkfs.ext4", "fsck.ext4")

@@ -9,33 +9,13 @@ import os
 
 import pytest
 
-from tests.conftest import needs, read_at, run, write_at
+from tests.conftest import needs, read_at, run, seed_filters, write_at
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180), needs("qemu-img", "fio")]
 
 MiB = 1 << 20
 
-TOP = """
-[nodes.thr]
-driver = "throttle"
-file = "crypt"
-iops-total = 100000
-
-[nodes.crypt]
-driver = "luks"
-file = "q"
-key-file = "key"
-format = true
-pbkdf2-iterations = 1000
-
-[nodes.q]
-driver = "quorum"
-children = ["r0", "r1", "r2"]
-vote-threshold = 2
-
-[disks.vm0]
-node = "thr"
-"""
+TOP = seed_filters(["r0", "r1", "r2"])
 
 
 def control(m, name: str, text: str = "") -> None:
